@@ -1,0 +1,145 @@
+"""Typed configuration of a product quantizer; every invalid combination is rejected here, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Method = Literal["softmax", "soft_gumbel", "hard_gumbel", "ste", "rotation", "simvq"]
+Regularizer = Literal["knn_ce", "knn_l2", "perplexity", "none"]
+Distance = Literal["cosine", "euclid"]
+Inference = Literal["hard", "soft"]
+
+SMOOTHING_METHODS: tuple[str, ...] = ("softmax", "soft_gumbel", "hard_gumbel")
+HARD_METHODS: tuple[str, ...] = ("ste", "rotation", "simvq")
+METHODS: tuple[str, ...] = SMOOTHING_METHODS + HARD_METHODS
+REGULARIZERS: tuple[str, ...] = ("knn_ce", "knn_l2", "perplexity", "none")
+DISTANCES: tuple[str, ...] = ("cosine", "euclid")
+
+
+@dataclass(kw_only=True)
+class GumbelTemperature:
+    """Gumbel-softmax temperature ``max(start * decay**step, end)`` (fairseq's schedule); constant by default."""
+
+    start: float = 1.0
+    end: float = 1.0
+    decay: float = 1.0
+
+    def at(self, step: int) -> float:
+        return max(self.start * self.decay**step, self.end)
+
+
+@dataclass(kw_only=True)
+class QuantizerConfig:
+    """Everything that defines a :class:`~simplexvq.ProductQuantizer`.
+
+    The input's last dimension ``dim`` is split into ``groups`` chunks of ``dim // groups``; each chunk is
+    quantized by its own codebook of ``codebook_size`` entries (product quantization) and the outputs are
+    concatenated back to ``dim``.
+    """
+
+    dim: int
+    codebook_size: int
+    groups: int = 1
+    method: Method = "softmax"
+    """``softmax`` / ``soft_gumbel`` / ``hard_gumbel`` smooth the onehot code (section 2.2); ``ste`` /
+    ``rotation`` / ``simvq`` quantize hard and estimate gradients (section 2.1, SimVQ)."""
+    regularizer: Regularizer = "knn_ce"
+    """Auxiliary loss of the smoothing methods (eq. 11-13); must be ``none`` for hard methods, which use eq. 10."""
+    distance: Distance | None = None
+    """Logits (smoothing) or nearest-neighbour metric (hard). Default: cosine (A.1), Euclidean for SimVQ."""
+    knn_k: int = 8
+    """K of eq. 13: neighbours per simplex vertex (the paper uses 2 per GPU x 4 GPUs = 8)."""
+    regularizer_weight: float = 1.0
+    regularize_samples: bool = False
+    """Apply the regularizer to the Gumbel samples p instead of the assignment probabilities pi (section 3)."""
+    commitment_weight: float | None = None
+    """beta of eq. 10; default 1.0 (appendix A.2), 0.25 for SimVQ (its paper's default)."""
+    init_temperature: float | None = None
+    """Initial learnable logit temperature (A.1); default 0.1 for cosine logits, 1.0 for Euclidean ones."""
+    learnable_temperature: bool = True
+    min_temperature: float = 1e-3
+    """Lower clamp on the learnable temperature, so logits stay finite in float32."""
+    gumbel_temperature: GumbelTemperature = dataclasses.field(default_factory=GumbelTemperature)
+    inference: Inference = "hard"
+    """``hard``: eval mode returns the argmax code vector for every method (section 3); ``soft``: eval mode
+    returns the smoothed output ``Q pi`` (smoothing methods only)."""
+    codebook_init_std: float | None = None
+    """Std of the normal initialisation of code vectors; default ``(dim // groups) ** -0.5``."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gumbel_temperature, dict):
+            self.gumbel_temperature = GumbelTemperature(**self.gumbel_temperature)
+        if self.distance is None:
+            self.distance = "euclid" if self.method == "simvq" else "cosine"
+        if self.commitment_weight is None:
+            self.commitment_weight = 0.25 if self.method == "simvq" else 1.0
+        if self.init_temperature is None:
+            self.init_temperature = 0.1 if self.distance == "cosine" else 1.0
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field and how to fix it."""
+        _positive_int("dim", self.dim)
+        _positive_int("codebook_size", self.codebook_size)
+        _positive_int("groups", self.groups)
+        _positive_int("knn_k", self.knn_k)
+        if self.dim % self.groups:
+            raise ValueError(
+                f"QuantizerConfig: dim={self.dim} is not divisible by groups={self.groups}; each group quantizes "
+                "dim // groups features, so choose dim a multiple of groups"
+            )
+        _one_of("method", self.method, METHODS)
+        _one_of("regularizer", self.regularizer, REGULARIZERS)
+        _one_of("distance", self.distance, DISTANCES)
+        _one_of("inference", self.inference, ("hard", "soft"))
+        if self.method in HARD_METHODS and self.regularizer != "none":
+            raise ValueError(
+                f"QuantizerConfig: method={self.method!r} quantizes hard and is trained with the commitment and "
+                f"codebook losses of eq. 10, not with regularizer={self.regularizer!r}; set regularizer='none' "
+                "or pick a smoothing method (softmax, soft_gumbel, hard_gumbel)"
+            )
+        if self.method in HARD_METHODS and self.inference == "soft":
+            raise ValueError(
+                f"QuantizerConfig: inference='soft' needs a smoothing method, but method={self.method!r} is hard"
+            )
+        if self.regularize_samples and self.method not in ("soft_gumbel", "hard_gumbel"):
+            raise ValueError("QuantizerConfig: regularize_samples=True only applies to Gumbel methods")
+        for name in ("regularizer_weight", "commitment_weight"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"QuantizerConfig: {name} must be >= 0, got {value}")
+        for name in ("init_temperature", "min_temperature"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"QuantizerConfig: {name} must be > 0, got {value}")
+        if self.init_temperature < self.min_temperature:
+            raise ValueError(
+                f"QuantizerConfig: init_temperature={self.init_temperature} is below "
+                f"min_temperature={self.min_temperature}"
+            )
+        schedule = self.gumbel_temperature
+        if not (schedule.start > 0 and schedule.end > 0 and 0 < schedule.decay <= 1):
+            raise ValueError(
+                f"QuantizerConfig: gumbel_temperature needs start > 0, end > 0 and 0 < decay <= 1, got {schedule}"
+            )
+
+    @property
+    def group_dim(self) -> int:
+        """Dimension of one group's code vectors."""
+        return self.dim // self.groups
+
+    @property
+    def is_smoothing(self) -> bool:
+        return self.method in SMOOTHING_METHODS
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"QuantizerConfig: {name} must be a positive integer, got {value!r}")
+
+
+def _one_of(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"QuantizerConfig: {name}={value!r} is not one of {', '.join(choices)}")

@@ -1,0 +1,90 @@
+"""Quantizers by name: built-in method presets and third-party registrations.
+
+A registry entry is a factory ``(**kwargs) -> nn.Module`` whose forward returns a
+:class:`~simplexvq.QuantizerOutput`. Built-in names are ``<smoothing>-<regularizer>`` for the smoothing methods
+(``softmax-knn_ce``, ``hard_gumbel-perplexity``, ``soft_gumbel-none``, ...), ``<estimator>-<distance>`` for the
+hard ones (``ste-euclid``, ``rotation-cosine``, ...) and ``simvq``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+
+from simplexvq.config import DISTANCES, REGULARIZERS, SMOOTHING_METHODS, QuantizerConfig
+from simplexvq.quantizer import ProductQuantizer
+
+QuantizerFactory = Callable[..., nn.Module]
+F = TypeVar("F", bound=QuantizerFactory)
+
+_REGISTRY: dict[str, QuantizerFactory] = {}
+_PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def register_quantizer(name: str, *, overwrite: bool = False) -> Callable[[F], F]:
+    """Decorator registering ``factory(**kwargs) -> nn.Module`` under ``name``.
+
+    >>> @register_quantizer("my-vq")
+    ... def build_my_vq(*, dim, codebook_size, groups=1, **kwargs): ...
+    """
+
+    def decorate(factory: F) -> F:
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"a quantizer named {name!r} is already registered; pass overwrite=True to replace it")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_quantizers() -> list[str]:
+    """Every registered name, sorted."""
+    return sorted(_REGISTRY)
+
+
+def quantizer_config(name: str, **overrides: Any) -> QuantizerConfig:
+    """The :class:`QuantizerConfig` of a built-in method name, with ``overrides`` (``dim`` etc.) applied."""
+    if name not in _PRESETS:
+        raise _unknown(name, known=sorted(_PRESETS), what="built-in quantizer preset")
+    return QuantizerConfig(**{**_PRESETS[name], **overrides})
+
+
+def build_quantizer(spec: str | QuantizerConfig, **overrides: Any) -> nn.Module:
+    """Build a quantizer from a registered name or a :class:`QuantizerConfig` (``overrides`` replace fields)."""
+    if isinstance(spec, QuantizerConfig):
+        return ProductQuantizer(dataclasses.replace(spec, **overrides) if overrides else spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"build_quantizer expects a method name or a QuantizerConfig, got {type(spec).__name__}")
+    if spec not in _REGISTRY:
+        raise _unknown(spec, known=available_quantizers(), what="quantizer")
+    return _REGISTRY[spec](**overrides)
+
+
+def _unknown(name: str, *, known: list[str], what: str) -> KeyError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return KeyError(f"unknown {what} {name!r}.{hint} Known names: {', '.join(known)}")
+
+
+def _register_preset(name: str, **preset: Any) -> None:
+    _PRESETS[name] = preset
+
+    def factory(**overrides: Any) -> ProductQuantizer:
+        return ProductQuantizer(quantizer_config(name, **overrides))
+
+    factory.__name__ = f"build_{name.replace('-', '_')}"
+    factory.__doc__ = f"Build the built-in {name!r} quantizer: ``QuantizerConfig({preset})`` plus overrides."
+    register_quantizer(name)(factory)
+
+
+for _method in SMOOTHING_METHODS:
+    for _regularizer in REGULARIZERS:
+        _register_preset(f"{_method}-{_regularizer}", method=_method, regularizer=_regularizer)
+for _method in ("ste", "rotation"):
+    for _distance in DISTANCES:
+        _register_preset(f"{_method}-{_distance}", method=_method, regularizer="none", distance=_distance)
+_register_preset("simvq", method="simvq", regularizer="none")
