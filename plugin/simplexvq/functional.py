@@ -10,6 +10,7 @@ dimension of one group's code vectors.
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import torch
@@ -50,7 +51,7 @@ def straight_through(q: Tensor, z: Tensor) -> Tensor:
     """
     if q.shape != z.shape:
         raise ValueError(f"straight_through: q has shape {tuple(q.shape)} but z has {tuple(z.shape)}; they must match")
-    return q + z - z.detach()
+    return q + (z - z.detach())  # parenthesised so the value is exactly q, whatever the magnitudes
 
 
 def rotation_trick(z: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
@@ -78,7 +79,10 @@ def rotation_trick(z: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
         - 2.0 * r_hat * (r_hat * z).sum(dim=-1, keepdim=True)
         + 2.0 * q_hat * (z_hat * z).sum(dim=-1, keepdim=True)
     )
-    return scale * rotated
+    estimate = scale * rotated
+    # Value exactly q (the rotation is only exact up to rounding, badly so for nearly antipodal z and q);
+    # gradient that of the scaled rotation.
+    return q.detach() + (estimate - estimate.detach())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ def gumbel_softmax(
 def onehot_straight_through(p: Tensor, dim: int = -1) -> Tensor:
     """Eq. 8: ``STE(e_argmax(p), p) = e + p - detach(p)``; the value is onehot, the gradient is that of ``p``."""
     onehot = torch.zeros_like(p).scatter_(dim, p.argmax(dim=dim, keepdim=True), 1.0)
-    return onehot + p - p.detach()
+    return onehot + (p - p.detach())  # parenthesised so the value is exactly onehot
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -197,8 +201,9 @@ def knn_loss(
     """
     log_probs = _as_groups(log_probs, "log_probs", "knn_loss")
     log_probs = _select_rows(log_probs, mask, "knn_loss")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"knn_loss: k must be a positive integer, got {k!r}")
+    k = int(k)
     num_rows = log_probs.shape[0]
     if k > num_rows:
         raise ValueError(
