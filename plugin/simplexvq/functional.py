@@ -75,9 +75,7 @@ def rotation_trick(z: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
         r_hat = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
         scale = q_norm / z_norm.clamp_min(eps)
     rotated = (
-        z
-        - 2.0 * r_hat * (r_hat * z).sum(dim=-1, keepdim=True)
-        + 2.0 * q_hat * (z_hat * z).sum(dim=-1, keepdim=True)
+        z - 2.0 * r_hat * (r_hat * z).sum(dim=-1, keepdim=True) + 2.0 * q_hat * (z_hat * z).sum(dim=-1, keepdim=True)
     )
     estimate = scale * rotated
     # Value exactly q (the rotation is only exact up to rounding, badly so for nearly antipodal z and q);
@@ -108,9 +106,7 @@ def euclidean_logits(z: Tensor, codebook: Tensor, temperature: Tensor) -> Tensor
     built.
     """
     squared_distance = (
-        z.pow(2).sum(-1, keepdim=True)
-        - 2.0 * torch.einsum("ngd,gmd->ngm", z, codebook)
-        + codebook.pow(2).sum(-1)[None]
+        z.pow(2).sum(-1, keepdim=True) - 2.0 * torch.einsum("ngd,gmd->ngm", z, codebook) + codebook.pow(2).sum(-1)[None]
     )
     return -squared_distance / temperature[:, None]
 

@@ -34,16 +34,19 @@ class CodebookUsageMeter:
         self.reset()
 
     def reset(self) -> None:
+        """Forget everything seen; accumulators are float64 (exact counts up to 2**53)."""
         g, m = self.groups, self.codebook_size
         self._counts = torch.zeros(g, m, dtype=torch.float64, device=self.device)
-        self._sample_usage_sum = torch.zeros(g, dtype=torch.float64, device=self.device)
-        self._num_samples = torch.zeros(1, dtype=torch.float64, device=self.device)
-        self._perplexity_sum = torch.zeros(g, dtype=torch.float64, device=self.device)
-        self._perplexity_count = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self._sample_usage_sum, self._num_samples, self._perplexity_sum, self._perplexity_count = torch.zeros(
+            4, g, dtype=torch.float64, device=self.device
+        ).unbind()
 
     @torch.no_grad()
     def update(self, indices: Tensor, probs: Tensor | None = None) -> None:
-        """Add a batch of codes ``indices`` (B, ..., G) and optionally their probabilities (B, ..., G, M)."""
+        """Add a batch of codes ``indices`` (B, ..., G) and optionally their probabilities (B, ..., G, M).
+
+        Padding is per group: a ``-1`` in group g only removes that position from group g's statistics.
+        """
         g, m = self.groups, self.codebook_size
         if indices.dim() < 2 or indices.shape[-1] != g:
             raise ValueError(
@@ -51,11 +54,17 @@ class CodebookUsageMeter:
             )
         if indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"CodebookUsageMeter.update: indices must be integer codes, got {indices.dtype}")
-        per_sample = indices.to(self.device, torch.long).reshape(indices.shape[0], -1, g)  # (B, T, G)
-        valid = per_sample >= 0
-        if (per_sample >= m).any():
+        if probs is not None and probs.shape != (*indices.shape, m):
+            raise ValueError(
+                f"CodebookUsageMeter.update: probs must have shape {(*indices.shape, m)}, got {tuple(probs.shape)}"
+            )
+        if (indices >= m).any():
             raise ValueError(f"CodebookUsageMeter.update: an index is >= codebook_size={m}")
-        batch = per_sample.shape[0]
+        if indices.numel() == 0:
+            return
+        batch = indices.shape[0]
+        per_sample = indices.to(self.device, torch.long).reshape(batch, -1, g)  # (B, T, G)
+        valid = per_sample >= 0
         flat = (
             torch.arange(batch, device=self.device)[:, None, None] * (g * m)
             + torch.arange(g, device=self.device)[None, None, :] * m
@@ -63,22 +72,19 @@ class CodebookUsageMeter:
         )[valid]
         histogram = torch.bincount(flat, minlength=batch * g * m).reshape(batch, g, m)
         self._counts += histogram.sum(dim=0).double()
-        samples_present = valid.any(dim=2).any(dim=1)  # samples with at least one unpadded position
+        present = valid.any(dim=1)  # (B, G): the sample has an unpadded position in group g
         used_per_sample = (histogram > 0).sum(dim=-1).double() / m  # (B, G)
-        self._sample_usage_sum += used_per_sample[samples_present].sum(dim=0)
-        self._num_samples += samples_present.sum()
+        self._sample_usage_sum += (used_per_sample * present).sum(dim=0)
+        self._num_samples += present.sum(dim=0)
         if probs is not None:
-            if probs.shape != (*indices.shape, m):
-                raise ValueError(
-                    f"CodebookUsageMeter.update: probs must have shape {(*indices.shape, m)}, got {tuple(probs.shape)}"
-                )
             position_perplexity = perplexity(probs.to(self.device, torch.float64)).reshape(batch, -1, g)
-            self._perplexity_sum += position_perplexity[valid.all(dim=-1)].sum(dim=0)
-            self._perplexity_count += valid.all(dim=-1).sum()
+            self._perplexity_sum += torch.where(valid, position_perplexity, 0.0).sum(dim=(0, 1))
+            self._perplexity_count += valid.sum(dim=(0, 1))
 
     @torch.no_grad()
     def compute(self) -> dict[str, Tensor]:
-        """Statistics over everything seen (on all ranks); does not reset the meter."""
+        """Statistics over everything seen (on all ranks); does not reset the meter. NaN where undefined."""
+        g, m = self.groups, self.codebook_size
         packed = torch.cat(
             [
                 self._counts.reshape(-1),
@@ -90,17 +96,17 @@ class CodebookUsageMeter:
         )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        g, m = self.groups, self.codebook_size
-        counts, rest = packed[: g * m].reshape(g, m), packed[g * m :]
-        sample_usage_sum, num_samples = rest[:g], rest[g]
-        perplexity_sum, perplexity_count = rest[g + 1 : 2 * g + 1], rest[2 * g + 1]
-        total = counts.sum(dim=-1, keepdim=True)
+        counts = packed[: g * m].reshape(g, m)
+        sample_usage_sum, num_samples, perplexity_sum, perplexity_count = packed[g * m :].reshape(4, g)
+        total = counts.sum(dim=-1)
         nan = torch.full((g,), float("nan"), dtype=torch.float64, device=self.device)
         return {
             "usage": (counts > 0).double().mean(dim=-1),
-            "per_sample_usage": sample_usage_sum / num_samples if num_samples > 0 else nan,
-            "perplexity": perplexity(counts / total.clamp_min(1.0)) if total.sum() > 0 else nan,
-            "individual_perplexity": perplexity_sum / perplexity_count if perplexity_count > 0 else nan,
+            "per_sample_usage": torch.where(num_samples > 0, sample_usage_sum / num_samples.clamp_min(1), nan),
+            "perplexity": torch.where(total > 0, perplexity(counts / total.clamp_min(1)[:, None]), nan),
+            "individual_perplexity": torch.where(
+                perplexity_count > 0, perplexity_sum / perplexity_count.clamp_min(1), nan
+            ),
             "dead_codes": (counts == 0).sum(dim=-1),
-            "num_positions": total.squeeze(-1),
+            "num_positions": total,
         }

@@ -69,9 +69,7 @@ class ProductQuantizer(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    def forward(
-        self, z: Tensor, padding_mask: Tensor | None = None, *, return_probs: bool = False
-    ) -> QuantizerOutput:
+    def forward(self, z: Tensor, padding_mask: Tensor | None = None, *, return_probs: bool = False) -> QuantizerOutput:
         """Quantize ``z`` (..., dim). ``padding_mask`` (...) marks padded positions with True (PyTorch's
         ``key_padding_mask`` convention); they take no part in any loss or statistic."""
         config = self.config
