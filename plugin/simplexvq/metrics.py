@@ -20,7 +20,8 @@ class CodebookUsageMeter:
     * ``perplexity``: perplexity of the mean onehot code (the code distribution over the whole set);
     * ``individual_perplexity``: mean perplexity of each position's assignment probabilities (needs ``probs``
       in :meth:`update`; NaN when none were given);
-    * ``dead_codes``: number of entries never used.
+    * ``dead_codes``: number of entries never used;
+    * ``num_positions``: unpadded positions counted; ``counts``: (G, M) how often each code was used.
 
     Under ``torch.distributed``, :meth:`compute` sums the accumulators over ranks with one ``all_reduce`` that
     every rank must call (as every collective). Pass ``device`` where the collective backend needs it (CUDA for
@@ -109,4 +110,5 @@ class CodebookUsageMeter:
             ),
             "dead_codes": (counts == 0).sum(dim=-1),
             "num_positions": total,
+            "counts": counts,
         }

@@ -1,0 +1,1 @@
+"""Shared training pieces for every recipe: configs, checkpoints, schedules, logging, plots."""

@@ -1,0 +1,1 @@
+"""Discrete image autoencoding (the ImageNet benchmark) driven by Accelerate."""

@@ -1,0 +1,136 @@
+"""Shared recipe pieces: configs with overrides, schedules, atomic files, checkpoints with exact resume, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
+from simplexvq_recipes.training.config import load_config, parse_recipe_args
+from simplexvq_recipes.training.plots import plot_code_histogram, plot_code_usage
+from simplexvq_recipes.training.schedule import warmup_cosine_factor, warmup_cosine_scheduler
+from simplexvq_recipes.training.tracking import MetricHistory, to_scalars
+
+WORKER = Path(__file__).parent / "scripts" / "resume_worker.py"
+
+
+@dataclasses.dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.99])
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    quantizer: str = "softmax-knn_ce"
+    steps: int = 10
+    optim: Optim = dataclasses.field(default_factory=Optim)
+
+
+def test_config_defaults_yaml_then_overrides(tmp_path):
+    assert load_config(RecipeConfig) == RecipeConfig()
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("steps: 20\noptim:\n  lr: 0.5\n")
+    config = load_config(RecipeConfig, yaml, ["optim.lr=0.25", "quantizer=ste-euclid"])
+    assert config == RecipeConfig(quantizer="ste-euclid", steps=20, optim=Optim(lr=0.25))
+    assert parse_recipe_args(RecipeConfig, ["--config", str(yaml), "steps=3"]).steps == 3
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="stepz"):
+        load_config(RecipeConfig, overrides=["stepz=3"])
+    with pytest.raises(ValueError, match="steps"):
+        load_config(RecipeConfig, overrides=["steps=many"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(RecipeConfig, overrides=["steps"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(RecipeConfig, tmp_path / "missing.yaml")
+
+
+def test_warmup_cosine_matches_formula():
+    factor = warmup_cosine_factor(warmup_steps=10, total_steps=110, final_ratio=0.01)
+    assert factor(0) == 0.0 and factor(5) == pytest.approx(0.5) and factor(10) == pytest.approx(1.0)
+    for step in (10, 35, 60, 85, 110):
+        progress = (step - 10) / 100
+        expected = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+        assert factor(step) == pytest.approx(expected)
+    assert factor(500) == pytest.approx(0.01)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = warmup_cosine_scheduler(optimizer, 10, 110, 0.5)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="final_ratio"):
+        warmup_cosine_factor(1, 10, 1.5)
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "sub" / "state.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_text(target, '{"a": 2}')
+    assert target.read_text() == '{"a": 2}'
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]
+
+
+def test_metric_history_flattens_groups_and_skips_nan():
+    scalars = to_scalars({"usage": torch.tensor([0.5, 1.0]), "loss": torch.tensor(2.0), "n": 3}, prefix="val/")
+    assert scalars == {"val/usage/0": 0.5, "val/usage/1": 1.0, "val/loss": 2.0, "val/n": 3.0}
+
+    class FakeAccelerator:
+        logged: list = []
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+    history = MetricHistory()
+    history.log(FakeAccelerator(), 4, {"usage": torch.tensor([0.5, float("nan")])}, prefix="val/")
+    assert history.series("val/usage/0") == ([4.0], [0.5]) and "val/usage/1" not in history.keys()
+
+
+def test_plots_write_pngs(tmp_path):
+    history = MetricHistory([{"step": 1.0, "val/usage/0": 0.2, "val/usage/1": 0.3}, {"step": 2.0, "val/usage/0": 1.0}])
+    usage_png = plot_code_usage(history, tmp_path / "usage.png")
+    hist_png = plot_code_histogram(torch.tensor([[5.0, 0.0, 1.0], [1.0, 1.0, 1.0]]), tmp_path / "hist.png")
+    for png in (usage_png, hist_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no metric"):
+        plot_code_usage(history, tmp_path / "x.png", prefix="train/usage")
+
+
+def _run_worker(output: Path, steps: int, kill_after: int | None = None) -> int:
+    command = [sys.executable, str(WORKER), str(output), str(steps)]
+    if kill_after is not None:
+        command += ["--kill-after-step", str(kill_after)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, timeout=180).returncode
+
+
+@pytest.fixture(scope="module")
+def unbroken_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("unbroken")
+    assert _run_worker(output, 13) == 0
+    return torch.load(output / "final.pt")
+
+
+@pytest.mark.parametrize("kill_after", [6, 8])
+def test_run_killed_with_sigkill_resumes_to_identical_parameters(tmp_path, kill_after, unbroken_run):
+    """Kill right after a checkpoint (6) or between checkpoints (8); the resumed run matches an unbroken one."""
+    assert _run_worker(tmp_path / "killed", 13, kill_after=kill_after) == -9
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000003", "step_00000006"]
+    (checkpoints / ".tmp-step_00000009").mkdir()  # a save interrupted by the kill must be ignored
+    assert _run_worker(tmp_path / "killed", 13) == 0
+    unbroken = unbroken_run
+    resumed = torch.load(tmp_path / "killed" / "final.pt")
+    assert unbroken["params"].keys() == resumed["params"].keys()
+    for name, value in unbroken["params"].items():
+        assert torch.equal(value, resumed["params"][name]), name
+    assert resumed["losses"] == unbroken["losses"] and len(resumed["losses"]) == 13
