@@ -76,8 +76,10 @@ class ProductQuantizer(nn.Module):
         valid = check_quantizer_input(z, config.dim, padding_mask)
         lead_shape = z.shape[:-1]
         flat = z.reshape(-1, config.groups, config.group_dim)
+        # float32 at least (also under autocast), float64 for a .double() quantizer
+        compute_dtype = torch.promote_types(self.codebook.weight.dtype, torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            x = flat[valid].float()
+            x = flat[valid].to(compute_dtype)
             if config.is_smoothing:
                 quantized, indices, losses, stats, probs = self._smoothed(x, return_probs)
             else:
@@ -107,7 +109,7 @@ class ProductQuantizer(nn.Module):
         self, x: Tensor, return_probs: bool
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
         config = self.config
-        codebook = self.codebook()
+        codebook = self.codebook().to(x.dtype)
         log_pi = torch.log_softmax(self.logits(x, codebook), dim=-1)
         pi = log_pi.exp()
         indices = pi.argmax(dim=-1)
@@ -134,7 +136,7 @@ class ProductQuantizer(nn.Module):
 
     def _hard(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         config = self.config
-        nearest = nearest_codes(x, self.codebook(), config.distance)
+        nearest = nearest_codes(x, self.codebook().to(x.dtype), config.distance)
         quantized = ESTIMATORS[config.method](nearest.inputs, nearest.codes)
         losses = hard_losses(
             config.method, nearest.inputs.flatten(1), nearest.codes.flatten(1), config.commitment_weight
