@@ -28,12 +28,7 @@ def plot_code_usage(history: MetricHistory, path: str | Path, prefix: str = "val
     axis.set_ylim(0, 105)
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_code_histogram(counts: torch.Tensor, path: str | Path, title: str = "code usage") -> Path:
@@ -50,6 +45,10 @@ def plot_code_histogram(counts: torch.Tensor, path: str | Path, title: str = "co
         axis.set_title(f"{title}, codebook {group}: {used}/{len(frequencies)} codes used")
         axis.set_xlabel("code rank")
         axis.set_ylabel("frequency")
+    return _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
