@@ -28,12 +28,18 @@ class CodeLogits(nn.Module):
     ) -> None:
         super().__init__()
         self.distance = distance
+        self.init_temperature = init_temperature
         self.min_temperature = min_temperature
-        log_temperature = torch.full((groups,), math.log(init_temperature))
+        log_temperature = torch.empty(groups)
         if learnable:
             self.log_temperature = nn.Parameter(log_temperature)
         else:
             self.register_buffer("log_temperature", log_temperature)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.log_temperature.fill_(math.log(self.init_temperature))
 
     @property
     def temperature(self) -> Tensor:
