@@ -30,7 +30,11 @@ def main() -> None:
     parser.add_argument("--kill-after-step", type=int, default=None)
     args = parser.parse_args()
 
-    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = Accelerator(
+        cpu=True,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
+    )
     set_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(40, 8))
     # own generator: creating an epoch iterator must not draw from the global RNG (exact resume)

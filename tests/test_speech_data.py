@@ -1,0 +1,263 @@
+"""Speech data: manifests, audio reading and resampling, bad files, crops, length-aware sharded batching."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from simplexvq_recipes.speech import manifest as manifest_cli
+from simplexvq_recipes.speech.audio import AudioReadError, audio_info, read_audio
+from simplexvq_recipes.speech.batching import ShardedBatchSampler, length_batches
+from simplexvq_recipes.speech.data import AudioDataset, SkippedAudioWarning, collate, make_loader
+from simplexvq_recipes.speech.manifest import (
+    ManifestEntry,
+    ManifestError,
+    read_manifest,
+    split_entries,
+    write_manifest,
+)
+
+CORPUS = Path(__file__).parent / "scripts" / "speech_corpus.py"
+
+
+def _corpus_module():
+    spec = importlib.util.spec_from_file_location("speech_corpus", CORPUS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    mono = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    return mono if channels == 1 else np.stack([mono, -0.5 * mono], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading audio
+
+
+def test_read_audio_16k_wav_exact_and_partial(tmp_path):
+    data = _tone(1.0, 16000)
+    sf.write(tmp_path / "a.wav", data, 16000, subtype="FLOAT")
+    assert audio_info(tmp_path / "a.wav", 16000) == 16000
+    full = read_audio(tmp_path / "a.wav", 16000)
+    assert full.dtype == torch.float32 and torch.equal(full, torch.from_numpy(data))
+    part = read_audio(tmp_path / "a.wav", 16000, start=1000, num_samples=500)
+    assert torch.equal(part, torch.from_numpy(data[1000:1500]))
+
+
+def test_read_audio_resamples_and_mixes_to_mono(tmp_path):
+    stereo = _tone(0.5, 44100, channels=2)
+    sf.write(tmp_path / "b.flac", stereo, 44100)
+    decoded, _ = sf.read(tmp_path / "b.flac", dtype="float32")
+    expected = AF.resample(torch.from_numpy(decoded.mean(axis=1).astype(np.float32)), 44100, 16000)
+    waveform = read_audio(tmp_path / "b.flac", 16000)
+    assert waveform.shape == expected.shape == (audio_info(tmp_path / "b.flac", 16000),)
+    torch.testing.assert_close(waveform, expected)
+    # the mono mix (x - x/2) / 2 of a 0.3 tone has amplitude 0.075: resampling keeps a 440 Hz tone's amplitude
+    assert waveform[2000:-2000].abs().max().item() == pytest.approx(0.075, rel=0.02)
+    segment = read_audio(tmp_path / "b.flac", 16000, start=100, num_samples=300)
+    torch.testing.assert_close(segment, expected[100:400])
+
+
+def test_read_audio_errors_name_the_file(tmp_path):
+    with pytest.raises(AudioReadError, match="missing.wav.*no such file"):
+        read_audio(tmp_path / "missing.wav", 16000)
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF this is not audio" * 10)
+    with pytest.raises(AudioReadError, match="garbage.wav"):
+        read_audio(tmp_path / "garbage.wav", 16000)
+    with pytest.raises(AudioReadError, match="garbage.wav"):
+        audio_info(tmp_path / "garbage.wav", 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(AudioReadError, match="empty.wav: the file holds no audio frames"):
+        audio_info(tmp_path / "empty.wav", 16000)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# manifests
+
+
+def test_manifest_roundtrip_and_errors(tmp_path):
+    entries = [ManifestEntry("x/a.wav", 16000), ManifestEntry("y/b.flac", 8000)]
+    path = write_manifest(tmp_path / "m.tsv", tmp_path / "audio", entries)
+    lines = path.read_text().splitlines()
+    assert lines == [str((tmp_path / "audio").resolve()), "x/a.wav\t16000", "y/b.flac\t8000"]
+    manifest = read_manifest(path)
+    assert manifest.entries == entries and manifest.root == (tmp_path / "audio").resolve()
+    assert manifest.audio_path(1) == (tmp_path / "audio" / "y" / "b.flac").resolve()
+    assert manifest.where(1).endswith("m.tsv line 3")
+
+    (tmp_path / "bad.tsv").write_text("/root\nok.wav\t10\nbroken line without tab\n")
+    with pytest.raises(ManifestError, match=r"bad.tsv line 3: expected 'relative_path<TAB>num_samples'"):
+        read_manifest(tmp_path / "bad.tsv")
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(ManifestError, match="first line must be the root"):
+        read_manifest(tmp_path / "empty.tsv")
+    with pytest.raises(FileNotFoundError, match="nothing.tsv"):
+        read_manifest(tmp_path / "nothing.tsv")
+
+
+def test_split_holds_out_whole_groups():
+    entries = [ManifestEntry(f"spk{s}/utt{u}.wav", 100) for s in range(10) for u in range(5)]
+    train, valid = split_entries(entries, 0.2, seed=3, group_depth=1)
+    assert len(train) + len(valid) == 50 and len(valid) == 10
+    train_groups = {e.path.split("/")[0] for e in train}
+    valid_groups = {e.path.split("/")[0] for e in valid}
+    assert not train_groups & valid_groups and len(valid_groups) == 2
+    assert split_entries(entries, 0.2, seed=3, group_depth=1) == (train, valid)  # deterministic
+    by_file_train, by_file_valid = split_entries(entries, 0.1, seed=0)
+    assert len(by_file_valid) == 5 and not {e.path for e in by_file_train} & {e.path for e in by_file_valid}
+
+
+def test_manifest_command_writes_split_and_warns_about_unreadable_files(tmp_path, capsys):
+    audio = tmp_path / "audio"
+    for speaker in range(4):
+        for utt in range(3):
+            (audio / f"spk{speaker}").mkdir(parents=True, exist_ok=True)
+            sf.write(audio / f"spk{speaker}" / f"u{utt}.wav", _tone(0.25 + 0.25 * utt, 16000), 16000)
+    sf.write(audio / "spk0" / "hi.flac", _tone(0.5, 32000), 32000)
+    (audio / "spk1" / "broken.wav").write_bytes(b"not audio at all")
+    with pytest.warns(UserWarning, match="broken.wav"):
+        train_path, valid_path = manifest_cli.main(
+            [str(audio), str(tmp_path / "out"), "--valid-percent", "0.25", "--group-depth", "1"]
+        )
+    train, valid = read_manifest(train_path), read_manifest(valid_path)
+    assert len(train) + len(valid) == 13  # 12 WAV + 1 FLAC, the broken file left out
+    assert {e.path.split("/")[0] for e in train.entries}.isdisjoint({e.path.split("/")[0] for e in valid.entries})
+    lengths = {e.path: e.num_samples for e in train.entries + valid.entries}
+    assert lengths["spk0/hi.flac"] == 8000 and lengths["spk2/u2.wav"] == 12000  # counted at 16 kHz
+    assert f"{len(train)} train and {len(valid)} valid files" in capsys.readouterr().out
+    with pytest.raises(AudioReadError, match="broken.wav"):
+        manifest_cli.main([str(audio), str(tmp_path / "strict"), "--strict"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return _corpus_module().write_corpus(tmp_path / "corpus", num_train=10, num_valid=4)
+
+
+def test_dataset_crops_are_random_per_epoch_deterministic_and_in_range(corpus):
+    manifest = read_manifest(corpus / "train.tsv")
+    dataset = AudioDataset(manifest, crop_samples=8000, seed=5)
+    long_index = max(range(len(dataset)), key=lambda i: manifest.entries[dataset.indices[i]].num_samples)
+    full = read_audio(manifest.audio_path(dataset.indices[long_index]), 16000)
+    starts = {dataset.crop_start(long_index, epoch) for epoch in range(8)}
+    assert len(starts) > 1 and all(0 <= s <= full.shape[0] - 8000 for s in starts)
+    index, crop = dataset[(long_index, 3)]
+    start = dataset.crop_start(long_index, 3)
+    assert index == long_index and crop.shape == (8000,)
+    torch.testing.assert_close(crop, full[start : start + 8000])
+    assert torch.equal(dataset[(long_index, 3)][1], crop)
+    assert dataset.lengths == [min(manifest.entries[row].num_samples, 8000) for row in dataset.indices]
+    centred = AudioDataset(manifest, crop_samples=8000, random_crop=False)
+    assert centred.crop_start(long_index, 0) == centred.crop_start(long_index, 9) == (full.shape[0] - 8000) // 2
+
+
+def test_dataset_min_samples_and_normalize(corpus):
+    manifest = read_manifest(corpus / "train.tsv")
+    dataset = AudioDataset(manifest, min_samples=20000, normalize=True)
+    kept = [manifest.entries[row].num_samples for row in dataset.indices]
+    assert all(length >= 20000 for length in kept) and dataset.num_too_short == len(manifest) - len(kept)
+    _, waveform = dataset[0]
+    assert abs(waveform.mean().item()) < 1e-4 and waveform.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_missing_file_raises_naming_file_and_manifest_line(corpus):
+    manifest = read_manifest(corpus / "train.tsv")
+    missing = manifest.audio_path(3)
+    missing.unlink()
+    with pytest.raises(AudioReadError, match=rf"{missing.name}: no such file \(listed in .*train.tsv line 5\)"):
+        AudioDataset(manifest)
+    with pytest.warns(SkippedAudioWarning, match=missing.name):
+        dataset = AudioDataset(manifest, on_error="skip")
+    assert len(dataset) == len(manifest) - 1 and 3 not in dataset.indices
+
+
+def test_unreadable_file_raises_or_is_skipped_when_read(corpus):
+    manifest = read_manifest(corpus / "train.tsv")
+    broken = manifest.audio_path(2)
+    broken.write_bytes(b"definitely not audio" * 50)
+    dataset = AudioDataset(manifest)  # the file exists: the problem shows when it is read
+    with pytest.raises(AudioReadError, match=rf"{broken.name}.*listed in .*train.tsv line 4"):
+        dataset[(2, 0)]
+    skipping = AudioDataset(manifest, on_error="skip")
+    with pytest.warns(SkippedAudioWarning, match=broken.name):
+        assert skipping[(2, 0)] == (2, None)
+    batch = collate([skipping[(1, 0)], (2, None), skipping[(0, 0)]])
+    assert batch.indices == [1, 0] and batch.waveforms.shape[0] == 2
+    assert collate([(2, None)]).waveforms.shape == (0, 0)
+
+
+def test_collate_pads_with_zeros():
+    batch = collate([(0, torch.ones(3)), (5, torch.full((5,), 2.0))])
+    assert batch.lengths.tolist() == [3, 5] and batch.indices == [0, 5]
+    assert batch.waveforms.tolist() == [[1, 1, 1, 0, 0], [2, 2, 2, 2, 2]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batching
+
+
+def test_length_batches_respect_limits_and_group_similar_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1000, 50000, size=200).tolist()
+    batches = length_batches(lengths, batch_size=8, max_tokens=120_000, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) <= 8 and (len(batch) == 1 or len(batch) * longest <= 120_000)
+    padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+    assert padding < 0.05 * sum(lengths)  # similar lengths batched together
+    assert batches == length_batches(lengths, batch_size=8, max_tokens=120_000, seed=1, epoch=0)
+    assert batches != length_batches(lengths, batch_size=8, max_tokens=120_000, seed=1, epoch=1)
+    assert length_batches([5, 100, 7], batch_size=2, shuffle=False) == [[1, 2], [0]]
+
+
+def test_sharded_sampler_even_shards_disjoint_and_resumable():
+    lengths = [1000 + 10 * i for i in range(23)]
+    shards = [ShardedBatchSampler(lengths, batch_size=4, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    for sampler in shards:
+        sampler.set_epoch(2)
+    per_rank = [list(sampler) for sampler in shards]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(shards[0]) == 3  # 6 batches, 3 each
+    assert all(epoch == 2 for batch in per_rank[0] for _, epoch in batch)
+    seen = [index for batches in per_rank for batch in batches for index, _ in batch]
+    assert sorted(seen) == list(range(23))  # every utterance once
+    shards[1].set_start(1)
+    assert list(shards[1]) == per_rank[1][1:]
+
+    uneven = ShardedBatchSampler(lengths, batch_size=5, num_replicas=2, rank=0)  # 5 batches -> 3 + 3 with padding
+    assert len(uneven) == 3 == len(ShardedBatchSampler(lengths, batch_size=5, num_replicas=2, rank=1))
+    validation = [
+        ShardedBatchSampler(lengths, batch_size=5, shuffle=False, even=False, num_replicas=2, rank=r) for r in range(2)
+    ]
+    assert [len(v) for v in validation] == [3, 2]
+    assert sorted(i for v in validation for batch in v for i, _ in batch) == list(range(23))
+    with pytest.raises(ValueError, match="no utterances"):
+        ShardedBatchSampler([], batch_size=2)
+
+
+def test_loader_does_not_touch_the_global_rng(corpus):
+    dataset = AudioDataset(read_manifest(corpus / "train.tsv"), crop_samples=8000)
+    loader = make_loader(dataset, ShardedBatchSampler(dataset.lengths, batch_size=3))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches = list(loader)
+    assert torch.equal(torch.rand(3), expected)
+    assert sum(len(b) for b in batches) == len(dataset)
+    assert all(b.waveforms.shape[1] == b.lengths.max().item() <= 8000 for b in batches)

@@ -1,0 +1,257 @@
+"""wav2vec 2.0 pretraining head: masking, distractors, eq. 15 against a naive reference, the model API."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchaudio
+
+from simplexvq_recipes.speech.config import ModelConfig, PretrainConfig, QuantizerSection, preset_path
+from simplexvq_recipes.speech.losses import contrastive_logits, contrastive_loss, feature_penalty, scale_gradient
+from simplexvq_recipes.speech.masking import padding_mask, sample_distractors, span_mask
+from simplexvq_recipes.speech.model import Wav2Vec2Pretrainer, build_model
+from simplexvq_recipes.training.config import load_config
+
+TABLE2_METHODS = [
+    "ste-euclid",
+    "ste-cosine",
+    "rotation-euclid",
+    "rotation-cosine",
+    *(
+        f"{smoothing}-{reg}"
+        for smoothing in ("hard_gumbel", "soft_gumbel", "softmax")
+        for reg in ("perplexity", "knn_l2", "knn_ce")
+    ),
+]
+
+
+def micro_config(**quantizer) -> ModelConfig:
+    """A model small enough to run every test in a fraction of a second."""
+    return ModelConfig(
+        conv_layers=[[16, 10, 5], [16, 3, 2], [16, 3, 2], [16, 3, 2], [16, 3, 2], [16, 2, 2], [16, 2, 2]],
+        embed_dim=32,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=64,
+        pos_conv_kernel=8,
+        pos_conv_groups=2,
+        final_dim=16,
+        num_negatives=10,
+        quantizer=QuantizerSection(**{"codebook_size": 8, "codebook_dim": 8, "knn_k": 2, **quantizer}),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# masking and distractors
+
+
+def test_span_mask_matches_wav2vec2_statistics():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([500, 300, 40])
+    masks = [span_mask(lengths, 500, mask_prob=0.065, mask_length=10, generator=generator) for _ in range(300)]
+    stacked = torch.stack(masks).float()
+    assert not stacked[:, 1, 300:].any() and not stacked[:, 2, 40:].any()  # padding never masked
+    # expected masked fraction with overlapping spans: 1 - (1 - p)^L over interior frames, about 49%
+    fraction = stacked[:, 0, 20:480].mean().item()
+    assert fraction == pytest.approx(1 - (1 - 0.065) ** 10, abs=0.03)
+    # masks come in runs of at least mask_length frames
+    row = masks[0][0].int()
+    edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int), row, torch.zeros(1, dtype=torch.int)]))
+    runs = torch.nonzero(edges == -1).squeeze(1) - torch.nonzero(edges == 1).squeeze(1)
+    assert runs.min().item() >= 10
+    # at least min_masks spans even when mask_prob * T < 1
+    short = span_mask(torch.tensor([12]), 12, mask_prob=0.0, mask_length=10, min_masks=2, generator=generator)
+    assert short.sum().item() >= 10
+    tiny = span_mask(torch.tensor([3]), 3, mask_prob=0.1, mask_length=10, min_masks=1, generator=generator)
+    assert tiny.sum().item() == 2  # one span, shortened to T - 1
+
+
+def test_span_mask_reproducible_with_generator_and_uses_global_rng_otherwise():
+    lengths = torch.tensor([100, 80])
+    a = span_mask(lengths, 100, mask_prob=0.1, mask_length=5, generator=torch.Generator().manual_seed(3))
+    b = span_mask(lengths, 100, mask_prob=0.1, mask_length=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    torch.manual_seed(1)
+    c = span_mask(lengths, 100, mask_prob=0.1, mask_length=5)
+    torch.manual_seed(1)
+    assert torch.equal(c, span_mask(lengths, 100, mask_prob=0.1, mask_length=5))
+
+
+def test_distractors_come_from_the_same_utterance_never_self_and_uniformly():
+    counts = torch.tensor([5, 1, 3])
+    indices, valid = sample_distractors(counts, 2000, generator=torch.Generator().manual_seed(0))
+    assert indices.shape == (9, 2000) and valid.tolist() == [True] * 5 + [False] + [True] * 3
+    owner = torch.repeat_interleave(torch.arange(3), counts)
+    for row in range(9):
+        if not valid[row]:
+            assert (indices[row] == row).all()
+            continue
+        drawn = indices[row]
+        assert (owner[drawn] == owner[row]).all() and (drawn != row).all()
+        frequencies = torch.bincount(drawn, minlength=9).float()[owner == owner[row]]
+        others = frequencies[frequencies > 0]
+        assert len(others) == counts[owner[row]] - 1  # every other frame is drawn
+        assert (others / 2000 - 1 / len(others)).abs().max() < 0.05
+
+
+def test_padding_mask():
+    assert padding_mask(torch.tensor([2, 4]), 2, 4).tolist() == [[False, False, True, True], [False] * 4]
+    assert not padding_mask(None, 2, 3).any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# losses against naive references
+
+
+def test_contrastive_logits_match_naive_eq15():
+    torch.manual_seed(0)
+    predictions, targets = torch.randn(6, 4), torch.randn(6, 4)
+    targets[4] = targets[1]  # a distractor equal to the target must be excluded
+    distractors = torch.tensor([[1, 2], [4, 0], [0, 1], [5, 5], [1, 3], [3, 3]])
+    valid = torch.tensor([True, True, True, True, True, False])
+    logits = contrastive_logits(predictions, targets, distractors, 0.1, valid)
+    for i in range(6):
+        expected_target = F.cosine_similarity(predictions[i], targets[i], dim=0) / 0.1
+        assert logits[i, 0].item() == pytest.approx(expected_target.item(), rel=1e-5)
+        for k in range(2):
+            j = distractors[i, k].item()
+            if not valid[i] or torch.equal(targets[j], targets[i]):
+                assert logits[i, 1 + k].item() == -math.inf
+            else:
+                expected = F.cosine_similarity(predictions[i], targets[j], dim=0) / 0.1
+                assert logits[i, 1 + k].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logits[1, 1].item() == -math.inf  # target 4 equals target 1
+    loss, accuracy = contrastive_loss(logits)
+    naive = torch.stack([-torch.log_softmax(logits[i], dim=0)[0] for i in range(6)]).mean()
+    assert loss.item() == pytest.approx(naive.item(), rel=1e-6)
+    correct = [logits[i, 0] > logits[i, 1:].max() for i in range(6)]
+    assert accuracy.item() == pytest.approx(sum(correct) / 6)
+
+
+def test_feature_penalty_and_gradient_scaling():
+    features = torch.randn(2, 5, 3, requires_grad=True)
+    padding = torch.tensor([[False] * 5, [False, False, True, True, True]])
+    expected = torch.cat([features[0], features[1, :2]]).pow(2).mean()
+    assert feature_penalty(features, padding).item() == pytest.approx(expected.item())
+    scaled = scale_gradient(features, 0.1)
+    assert torch.equal(scaled, features)
+    scaled.sum().backward()
+    assert torch.allclose(features.grad, torch.full_like(features, 0.1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+
+
+def test_presets_follow_table4():
+    base = load_config(PretrainConfig, preset_path("base"))
+    model = base.model
+    assert model.conv_layers == [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2 and model.downsampling == 320
+    assert (model.embed_dim, model.num_layers, model.num_heads, model.ffn_dim) == (768, 12, 8, 4096)
+    assert (model.dropout, model.layer_drop, model.mask_prob, model.mask_length) == (0.1, 0.05, 0.065, 10)
+    assert (model.num_negatives, model.logit_temperature) == (100, 0.1)
+    q = model.quantizer
+    assert (q.name, q.groups, q.codebook_size, q.codebook_dim) == ("softmax-knn_ce", 1, 1024, 256)
+    q2 = load_config(PretrainConfig, preset_path("base_2x320")).model.quantizer
+    assert (q2.groups, q2.codebook_size, q2.codebook_dim) == (2, 320, 128)
+    assert base.data.crop_samples == 250_000 and base.optim.betas == [0.9, 0.99] and base.optim.weight_decay == 0
+    assert base.optim.final_lr / base.optim.lr == pytest.approx(0.01)
+
+
+def test_model_api_components_and_forward():
+    torch.manual_seed(0)
+    model = build_model(PretrainConfig(model=micro_config(groups=2)))
+    assert isinstance(model, Wav2Vec2Pretrainer)
+    assert isinstance(model.wav2vec2, torchaudio.models.Wav2Vec2Model) and model.wav2vec2.aux is None
+    assert model.quantizer.config.groups == 2 and model.quantizer.config.dim == 16
+    waveforms = torch.randn(3, 8000) * 0.1
+    lengths = torch.tensor([8000, 6000, 4000])
+    out = model(waveforms, lengths)
+    frames = model.frame_lengths(lengths)
+    assert frames.tolist() == [24, 18, 12]
+    assert out.mask.shape == (3, 24) and not out.mask[1, 18:].any() and not out.mask[2, 12:].any()
+    assert out.num_masked == int(out.mask.sum()) == out.quantizer.indices.shape[0]
+    assert out.quantizer.indices.shape == (out.num_masked, 2)
+    assert set(out.losses) == {"contrastive", "feature_penalty", "knn_ce"}
+    expected = out.losses["contrastive"] + out.losses["knn_ce"] + 10.0 * out.losses["feature_penalty"]
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    out.loss.backward()
+    for name in (
+        "mask_embedding",
+        "quantizer_input.weight",
+        "project_q.weight",
+        "final_proj.weight",
+        "quantizer.codebook.weight",
+        "wav2vec2.feature_extractor.conv_layers.0.conv.weight",
+    ):
+        parameter = dict(model.named_parameters())[name]
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_encode_codes_and_layers():
+    torch.manual_seed(0)
+    model = build_model(micro_config()).eval()
+    waveforms = torch.randn(2, 8000) * 0.1
+    lengths = torch.tensor([8000, 5000])
+    with torch.no_grad():
+        enc = model.encode(waveforms, lengths, layers=[0, 1, 2])
+        alone = model.encode(waveforms[:1], None, layers=[2])
+        reference, _ = model.wav2vec2.extract_features(waveforms[:1])
+    assert enc.codes.shape == (2, 24, 1) and enc.lengths.tolist() == [24, 15]
+    assert (enc.codes[1, 15:] == -1).all() and (enc.codes[:, :15] >= 0).all() and (enc.codes < 8).all()
+    assert set(enc.layers) == {0, 1, 2} and all(v.shape == (2, 24, 32) for v in enc.layers.values())
+    torch.testing.assert_close(alone.layers[2], reference[1])  # torchaudio's own path on unmasked input
+    assert alone.padding_mask.shape == (1, 24) and not alone.padding_mask.any()
+    with pytest.raises(ValueError, match="layer 3 does not exist"):
+        model.encode(waveforms, lengths, layers=[3])
+    assert not model.quantizer.training  # encode restores the mode it found
+    model.train()
+    model.encode(waveforms, lengths)
+    assert model.quantizer.training
+
+
+def test_forward_return_codes_matches_encode():
+    torch.manual_seed(0)
+    model = build_model(micro_config()).eval()
+    waveforms, lengths = torch.randn(2, 8000) * 0.1, torch.tensor([8000, 5000])
+    with torch.no_grad():
+        out = model(waveforms, lengths, generator=torch.Generator().manual_seed(0), return_codes=True)
+        assert torch.equal(out.codes, model.encode(waveforms, lengths).codes)
+        again = model(waveforms, lengths, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.mask, again.mask) and out.loss.item() == again.loss.item()
+
+
+@pytest.mark.parametrize("method", TABLE2_METHODS)
+def test_every_table2_quantizer_trains_a_step(method):
+    torch.manual_seed(0)
+    model = build_model(micro_config(name=method, gumbel_temperature=[2.0, 0.5, 0.9]))
+    model.set_num_updates(10)
+    if "gumbel" in method:
+        assert model.quantizer.gumbel_temperature == pytest.approx(max(2.0 * 0.9**10, 0.5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model(torch.randn(2, 8000) * 0.1)
+    assert torch.isfinite(out.loss)
+    expected_terms = (
+        {"commitment", "codebook"} if method.split("-")[0] in ("ste", "rotation") else {method.split("-")[1]}
+    )
+    assert set(out.losses) == {"contrastive", "feature_penalty"} | expected_terms
+    out.loss.backward()
+    optimizer.step()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "quantizer.codebook.weight" in changed and "mask_embedding" in changed
+
+
+def test_quantizer_section_passes_only_set_fields():
+    section = QuantizerSection(name="hard_gumbel-perplexity", groups=2, codebook_size=320, codebook_dim=128)
+    assert section.build_kwargs() == {"dim": 256, "groups": 2, "codebook_size": 320}
+    section.gumbel_temperature = [2.0, 0.5, 0.999995]
+    section.regularizer_weight = 0.1
+    kwargs = section.build_kwargs()
+    assert kwargs["gumbel_temperature"] == {"start": 2.0, "end": 0.5, "decay": 0.999995}
+    assert kwargs["regularizer_weight"] == 0.1
+    with pytest.raises(KeyError, match="Did you mean"):
+        build_model(micro_config(name="softmax-knn-ce"))
