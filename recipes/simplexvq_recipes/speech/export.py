@@ -1,0 +1,141 @@
+"""Export the pretrained encoder as a plain torchaudio ``Wav2Vec2Model`` (CNN + Transformer, no pretraining head).
+
+    python -m simplexvq_recipes.speech.export RUN_DIR_OR_CHECKPOINT encoder.pt
+
+The file is a ``torch.save`` dict that needs neither simplexvq nor its configs to load:
+
+* ``hyperparameters``: keyword arguments of :func:`torchaudio.models.wav2vec2_model`;
+* ``state_dict``: the model's weights (``feature_extractor.*``, ``encoder.*``);
+* ``format`` / ``version``: what wrote it.
+
+Load it back with :func:`load_exported` (or by hand:
+``wav2vec2_model(**d["hyperparameters"]).load_state_dict(d["state_dict"])``), then use torchaudio's API:
+``model.extract_features(waveforms, lengths)`` gives the outputs of every Transformer layer, ``model(waveforms)``
+the final (layer-normalised) features. Before writing, the export checks on a check signal that the rebuilt model
+gives exactly the features of the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchaudio
+from torch import Tensor
+
+from simplexvq_recipes.speech.config import ModelConfig
+from simplexvq_recipes.speech.model import Wav2Vec2Pretrainer, load_pretrained
+from simplexvq_recipes.training.atomic import atomic_write_bytes
+
+FORMAT = "simplexvq.torchaudio_wav2vec2"
+LOADER = "simplexvq_recipes.speech.export.load_exported"
+VERSION = 1
+
+
+def torchaudio_hyperparameters(config: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`torchaudio.models.wav2vec2_model` that build the recipe's encoder."""
+    return {
+        "extractor_mode": config.extractor_mode,
+        "extractor_conv_layer_config": [tuple(int(v) for v in layer) for layer in config.conv_layers],
+        "extractor_conv_bias": config.conv_bias,
+        "encoder_embed_dim": config.embed_dim,
+        "encoder_projection_dropout": config.input_dropout,
+        "encoder_pos_conv_kernel": config.pos_conv_kernel,
+        "encoder_pos_conv_groups": config.pos_conv_groups,
+        "encoder_num_layers": config.num_layers,
+        "encoder_num_heads": config.num_heads,
+        "encoder_attention_dropout": config.attention_dropout,
+        "encoder_ff_interm_features": config.ffn_dim,
+        "encoder_ff_interm_dropout": config.activation_dropout,
+        "encoder_dropout": config.dropout,
+        "encoder_layer_norm_first": config.layer_norm_first,
+        "encoder_layer_drop": config.layer_drop,
+        "aux_num_out": None,
+    }
+
+
+def export_state(model: Wav2Vec2Pretrainer) -> dict[str, Any]:
+    """The exported dict of a pretrainer: hyperparameters and a CPU copy of ``model.wav2vec2``'s weights."""
+    state = {name: tensor.detach().cpu().clone() for name, tensor in model.wav2vec2.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "torchaudio_version": torchaudio.__version__,
+        "hyperparameters": torchaudio_hyperparameters(model.config),
+        "state_dict": state,
+    }
+
+
+def build_exported(exported: dict[str, Any]) -> torchaudio.models.Wav2Vec2Model:
+    """Rebuild the torchaudio model of an exported dict (eval mode); strict loading: every weight must fit."""
+    if exported.get("format") != FORMAT:
+        raise ValueError(f"not an exported simplexvq encoder (format {exported.get('format')!r}, want {FORMAT!r})")
+    if exported.get("version", 0) > VERSION:
+        raise ValueError(f"exported with a newer format version {exported['version']} (this code reads {VERSION})")
+    hyperparameters = dict(exported["hyperparameters"])
+    hyperparameters["extractor_conv_layer_config"] = [tuple(x) for x in hyperparameters["extractor_conv_layer_config"]]
+    model = torchaudio.models.wav2vec2_model(**hyperparameters)
+    model.load_state_dict(exported["state_dict"], strict=True)
+    return model.eval()
+
+
+def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> torchaudio.models.Wav2Vec2Model:
+    """Load a file written by :func:`export` as a torchaudio ``Wav2Vec2Model`` in eval mode."""
+    exported = torch.load(str(path), map_location=map_location, weights_only=True)
+    return build_exported(exported).to(map_location)
+
+
+def check_signal(num_samples: int = 16000, seed: int = 0) -> Tensor:
+    """A deterministic 1 s test waveform (two chirps plus a little noise) of shape (1, num_samples)."""
+    t = torch.arange(num_samples, dtype=torch.float64) / 16000
+    signal = 0.4 * torch.sin(2 * math.pi * (200 + 400 * t) * t) + 0.2 * torch.sin(2 * math.pi * (1500 - 300 * t) * t)
+    noise = torch.randn(num_samples, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (signal + 0.01 * noise).float()[None]
+
+
+@torch.no_grad()
+def max_feature_difference(
+    reference: torchaudio.models.Wav2Vec2Model, exported: torchaudio.models.Wav2Vec2Model, waveforms: Tensor
+) -> float:
+    """Largest absolute difference between the ``extract_features`` outputs (every layer) of two models."""
+    expected, _ = reference.extract_features(waveforms)
+    actual, _ = exported.extract_features(waveforms)
+    return max(float((a - b).abs().max()) for a, b in zip(expected, actual, strict=True))
+
+
+def export(checkpoint: str | Path, out: str | Path, *, tolerance: float = 0.0) -> Path:
+    """Export a run's encoder to ``out``; raises if the rebuilt model's features differ by more than
+    ``tolerance`` from the original's on :func:`check_signal`."""
+    model, _ = load_pretrained(checkpoint)
+    exported = export_state(model)
+    rebuilt = build_exported(exported)
+    difference = max_feature_difference(model.wav2vec2.eval(), rebuilt, check_signal())
+    if difference > tolerance:
+        raise RuntimeError(f"the exported model's features differ from the original's by {difference:.3g}")
+    buffer = io.BytesIO()
+    torch.save(exported, buffer)
+    atomic_write_bytes(out, buffer.getvalue())
+    return Path(out)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="run folder (its newest checkpoint) or a checkpoints/step_* folder")
+    parser.add_argument("out", type=Path, help="output file (.pt)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except FileNotFoundError as error:
+        parser.exit(1, f"error: {error}\n")
+    size = out.stat().st_size / 2**20
+    print(f"exported torchaudio Wav2Vec2Model ({size:.1f} MiB) -> {out}; load it with {LOADER}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
