@@ -11,11 +11,15 @@ Regularizer = Literal["knn_ce", "knn_l2", "perplexity", "none"]
 Distance = Literal["cosine", "euclid"]
 Inference = Literal["hard", "soft"]
 
+KnnScope = Literal["local", "global"]
+
 SMOOTHING_METHODS: tuple[str, ...] = ("softmax", "soft_gumbel", "hard_gumbel")
 HARD_METHODS: tuple[str, ...] = ("ste", "rotation", "simvq")
 METHODS: tuple[str, ...] = SMOOTHING_METHODS + HARD_METHODS
 REGULARIZERS: tuple[str, ...] = ("knn_ce", "knn_l2", "perplexity", "none")
 DISTANCES: tuple[str, ...] = ("cosine", "euclid")
+KNN_REGULARIZERS: tuple[str, ...] = ("knn_ce", "knn_l2")
+KNN_SCOPES: tuple[str, ...] = ("local", "global")
 
 
 @dataclass(kw_only=True)
@@ -67,6 +71,21 @@ class QuantizerConfig:
     returns the smoothed output ``Q pi`` (smoothing methods only)."""
     codebook_init_std: float | None = None
     """Std of the normal initialisation of code vectors; default ``(dim // groups) ** -0.5``."""
+    knn_scope: KnnScope = "local"
+    """``local``: the K nearest rows of each vertex are searched in this process's batch (the paper, section 5.3);
+    ``global``: among the batches of all data-parallel ranks (exact; value = single-process loss on the
+    concatenated batch, gradient scaled for DDP's averaging; see :mod:`simplexvq.knn`). KNN regularizers only."""
+    memory_efficient: bool = False
+    """Stream the softmax smoothing, the KNN regularizer and the statistics over chunks of rows, never building the
+    (N, G, M) matrices (:mod:`simplexvq.efficient`); same values and gradients. ``method='softmax'`` with a KNN
+    regularizer or ``none``; ``forward(return_probs=True)`` is then unavailable."""
+    chunk_size: int | None = None
+    """Rows per chunk of the streamed computations (memory-efficient path, streamed KNN top-K); default: about
+    4M elements per (chunk, G, M) buffer. In the dense path it streams the KNN top-K of ``knn_loss``."""
+    vertex_subsample: int | None = None
+    """In training, regularize a random subset of S vertices per group and step (section 5.3's workaround): an
+    unbiased estimate of eq. 13 (normalised by S K) whose top-K state and KNN gradient scale with S instead of M.
+    Eval mode uses every vertex. Under ``knn_scope='global'`` rank 0's draw is broadcast."""
 
     def __post_init__(self) -> None:
         if isinstance(self.gumbel_temperature, dict):
@@ -119,11 +138,54 @@ class QuantizerConfig:
                 f"QuantizerConfig: init_temperature={self.init_temperature} is below "
                 f"min_temperature={self.min_temperature}"
             )
+        self._validate_scale()
         schedule = self.gumbel_temperature
         if not (schedule.start > 0 and schedule.end > 0 and 0 < schedule.decay <= 1):
             raise ValueError(
                 f"QuantizerConfig: gumbel_temperature needs start > 0, end > 0 and 0 < decay <= 1, got {schedule}"
             )
+
+    def _validate_scale(self) -> None:
+        """The options of issue 4: global KNN, memory-efficient streaming, chunking, vertex subsampling."""
+        _one_of("knn_scope", self.knn_scope, KNN_SCOPES)
+        knn = self.regularizer in KNN_REGULARIZERS
+        if self.knn_scope == "global" and not knn:
+            raise ValueError(
+                f"QuantizerConfig: knn_scope='global' searches the KNN regularizer's neighbours across ranks, but "
+                f"regularizer={self.regularizer!r}; use regularizer='knn_ce' or 'knn_l2', or knn_scope='local'"
+            )
+        if not isinstance(self.memory_efficient, bool):
+            raise ValueError(f"QuantizerConfig: memory_efficient must be True or False, got {self.memory_efficient!r}")
+        if self.memory_efficient and self.method != "softmax":
+            raise ValueError(
+                f"QuantizerConfig: memory_efficient=True streams softmax smoothing as attention and needs "
+                f"method='softmax', got method={self.method!r}: Gumbel methods draw noise over the whole (N, M) "
+                "matrix and hard methods never build it; use memory_efficient=False"
+            )
+        if self.memory_efficient and self.regularizer not in (*KNN_REGULARIZERS, "none"):
+            raise ValueError(
+                f"QuantizerConfig: memory_efficient=True supports regularizer='knn_ce', 'knn_l2' or 'none', got "
+                f"{self.regularizer!r}; use memory_efficient=False for the perplexity loss"
+            )
+        if self.chunk_size is not None:
+            _positive_int("chunk_size", self.chunk_size)
+            if not (self.memory_efficient or knn):
+                raise ValueError(
+                    "QuantizerConfig: chunk_size streams the KNN regularizer or the memory-efficient path, but "
+                    f"regularizer={self.regularizer!r} and memory_efficient=False; leave chunk_size=None"
+                )
+        if self.vertex_subsample is not None:
+            _positive_int("vertex_subsample", self.vertex_subsample)
+            if not knn:
+                raise ValueError(
+                    f"QuantizerConfig: vertex_subsample subsamples the KNN regularizer's vertices, but "
+                    f"regularizer={self.regularizer!r}; use regularizer='knn_ce' or 'knn_l2'"
+                )
+            if self.vertex_subsample > self.codebook_size:
+                raise ValueError(
+                    f"QuantizerConfig: vertex_subsample={self.vertex_subsample} exceeds codebook_size="
+                    f"{self.codebook_size}; pick S <= M (S = M, or None, uses every vertex)"
+                )
 
     @property
     def group_dim(self) -> int:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from simplexvq import functional as VQF
+from simplexvq import knn
 from simplexvq.codebook import Codebook, SimVQCodebook
-from simplexvq.config import QuantizerConfig
+from simplexvq.config import KNN_REGULARIZERS, QuantizerConfig
+from simplexvq.efficient import streamed_softmax_quantize
 from simplexvq.hard import ESTIMATORS, hard_losses, nearest_codes
 from simplexvq.logits import CodeLogits
 from simplexvq.output import QuantizerOutput
@@ -26,6 +30,11 @@ class ProductQuantizer(nn.Module):
 
     Training mode uses the configured smoothing or gradient estimator; eval mode quantizes hard (argmax) for every
     method, or returns the smoothed ``Q pi`` when ``config.inference == "soft"``.
+
+    Scale options (issue 4): ``knn_scope="global"`` searches the KNN regularizer's neighbours across all ranks
+    (call forward on every rank, also with an empty or fully padded batch); ``memory_efficient=True`` streams the
+    softmax smoothing, the KNN regularizer and the statistics over ``chunk_size`` rows at a time;
+    ``vertex_subsample`` regularizes a random subset of vertices per training step.
     """
 
     def __init__(self, config: QuantizerConfig) -> None:
@@ -64,16 +73,27 @@ class ProductQuantizer(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         extra = f", regularizer={c.regularizer}, k={c.knn_k}" if c.is_smoothing else f", beta={c.commitment_weight}"
+        if c.knn_scope != "local":
+            extra += f", knn_scope={c.knn_scope}"
+        if c.memory_efficient:
+            extra += ", memory_efficient=True"
+        if c.vertex_subsample is not None:
+            extra += f", vertex_subsample={c.vertex_subsample}"
         return f"method={c.method}, groups={c.groups}, codebook_size={c.codebook_size}, dim={c.dim}, " + (
             f"distance={c.distance}{extra}"
         )
+
+    @property
+    def _global_knn(self) -> bool:
+        """True when the KNN regularizer searches across ranks of an initialised, multi-rank process group."""
+        return self.config.regularizer in KNN_REGULARIZERS and knn.world_of(self.config.knn_scope) is not None
 
     # ----------------------------------------------------------------------------------------------------------
     def forward(self, z: Tensor, padding_mask: Tensor | None = None, *, return_probs: bool = False) -> QuantizerOutput:
         """Quantize ``z`` (..., dim). ``padding_mask`` (...) marks padded positions with True (PyTorch's
         ``key_padding_mask`` convention); they take no part in any loss or statistic."""
         config = self.config
-        valid = check_quantizer_input(z, config.dim, padding_mask)
+        valid = self._valid_positions(z, padding_mask)
         lead_shape = z.shape[:-1]
         flat = z.reshape(-1, config.groups, config.group_dim)
         # float32 at least (also under autocast), float64 for a .double() quantizer
@@ -105,10 +125,51 @@ class ProductQuantizer(nn.Module):
             probs=probs,
         )
 
+    def _valid_positions(self, z: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """The flat mask of unpadded positions; input errors are raised by :func:`check_quantizer_input`.
+
+        A rank of a global KNN with nothing to quantize (empty or fully padded batch) must still join the
+        collectives, so for it an empty selection is returned instead of the usual error.
+        """
+        if self._global_knn and isinstance(z, Tensor) and z.dim() >= 2 and z.shape[-1] == self.config.dim:
+            positions = z.shape[:-1].numel()
+            if padding_mask is None:
+                empty = positions == 0
+            else:
+                same_shape = padding_mask.shape == z.shape[:-1] and padding_mask.dtype == torch.bool
+                empty = same_shape and bool(padding_mask.all())
+            if empty and z.is_floating_point():
+                return torch.zeros(positions, dtype=torch.bool, device=z.device)
+        return check_quantizer_input(z, self.config.dim, padding_mask)
+
+    def _knn_vertices(self, device: torch.device) -> Tensor | None:
+        """The training step's random vertex subset (G, S), identical on every rank of a global KNN."""
+        config = self.config
+        if config.vertex_subsample is None or not self.training:
+            return None
+        scores = torch.rand(config.groups, config.codebook_size, device=device)
+        vertices = scores.argsort(dim=-1)[:, : config.vertex_subsample].sort(dim=-1).values
+        if self._global_knn:
+            dist.broadcast(vertices, src=0)
+        return vertices
+
+    def _knn(self, log_probs: Tensor) -> Tensor:
+        config = self.config
+        return VQF.knn_loss(
+            log_probs,
+            config.knn_k,
+            config.regularizer.removeprefix("knn_"),
+            scope=config.knn_scope,
+            chunk_size=config.chunk_size,
+            vertices=self._knn_vertices(log_probs.device),
+        )
+
     def _smoothed(
         self, x: Tensor, return_probs: bool
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
         config = self.config
+        if config.memory_efficient:
+            return self._smoothed_streamed(x, return_probs)
         codebook = self.codebook().to(x.dtype)
         log_pi = torch.log_softmax(self.logits(x, codebook), dim=-1)
         pi = log_pi.exp()
@@ -126,13 +187,52 @@ class ProductQuantizer(nn.Module):
         quantized = torch.einsum("ngm,gmd->ngd", weights, codebook)
 
         losses: dict[str, Tensor] = {}
-        if config.regularizer != "none":
+        if config.regularizer in KNN_REGULARIZERS:
+            losses[config.regularizer] = config.regularizer_weight * self._knn(regularized)
+        elif config.regularizer != "none":
             regularizer = REGULARIZERS[config.regularizer](regularized, config.knn_k)
             losses[config.regularizer] = config.regularizer_weight * regularizer
         stats = hard_code_stats(indices, config.codebook_size)
         stats.update(probability_stats(pi))
         stats["temperature"] = self.logits.temperature.detach()
         return quantized, indices, losses, stats, (pi if return_probs else None)
+
+    def _smoothed_streamed(
+        self, x: Tensor, return_probs: bool
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], None]:
+        """``memory_efficient=True``: the softmax path of :meth:`_smoothed`, streamed (:mod:`simplexvq.efficient`)."""
+        config = self.config
+        if return_probs:
+            raise ValueError(
+                "return_probs=True would build the (N, G, M) probabilities that memory_efficient=True avoids; "
+                "use a quantizer with memory_efficient=False to inspect them"
+            )
+        codebook = self.codebook().to(x.dtype)
+        knn_reg = config.regularizer in KNN_REGULARIZERS
+        soft_output = self.training or config.inference == "soft"
+        result = streamed_softmax_quantize(
+            x,
+            codebook,
+            self.logits.temperature.to(x.dtype),
+            distance=config.distance,
+            knn_k=config.knn_k if knn_reg else None,
+            knn_distance=config.regularizer.removeprefix("knn_") if knn_reg else "ce",
+            compute_output=soft_output,
+            chunk_size=config.chunk_size,
+            scope=config.knn_scope,
+            vertices=self._knn_vertices(x.device) if knn_reg else None,
+        )
+        if soft_output:
+            quantized = result.quantized
+        else:  # the hard code vectors, as the dense path's onehot @ Q
+            quantized = codebook[torch.arange(config.groups, device=x.device), result.indices]
+        losses: dict[str, Tensor] = {}
+        if knn_reg:
+            losses[config.regularizer] = config.regularizer_weight * result.knn_loss
+        stats = hard_code_stats(result.indices, config.codebook_size)
+        stats.update(result.stats)
+        stats["temperature"] = self.logits.temperature.detach()
+        return quantized, result.indices, losses, stats, None
 
     def _hard(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         config = self.config

@@ -1,0 +1,130 @@
+"""Overhead of the KNN-CE term over the bare softmax quantizer, and distance of the layer from its matmul floor.
+
+For each size, four layers are timed side by side in one process, round-robin (so that load from other processes
+hits them alike): ``softmax-none`` and ``softmax-knn_ce``, dense and memory-efficient. The *floor* is the time of
+the six matrix products no implementation can avoid (forward ``z Q^T`` and ``P Q``; backward ``dO Q^T``, ``P^T dO``,
+``dL Q`` and ``dL^T z``), timed in the same round-robin; the ratio layer / floor says how much of the layer is
+anything else (softmax, top-K, statistics, memory traffic). Median CPU seconds over the repeats (1 thread).
+
+    .venv/bin/python benchmarks/bench_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from _harness import build_layer, environment, save, table, train_step
+
+SIZES = ((16384, 1024, 64), (16384, 1024, 256), (16384, 8196, 64), (65536, 1024, 128))
+LAYERS = ("softmax-none", "softmax-knn_ce", "softmax-none-efficient", "softmax-knn_ce-efficient")
+
+
+def matmul_floor(n: int, m: int, d: int) -> Callable[[], None]:
+    """The six unavoidable products of a softmax quantizer's forward+backward, on random operands.
+
+    Computed in row blocks of at most 2**26 logits so the floor itself fits in memory; each block is a full-width
+    matrix product, as large as the layer's own.
+    """
+    z, dz = torch.randn(n, d), torch.randn(n, d)
+    codebook = torch.randn(m, d)
+    rows = max(1, min(n, (1 << 26) // m))
+    probs = torch.randn(rows, m)
+
+    def run() -> None:
+        for start in range(0, n, rows):
+            block = slice(start, min(start + rows, n))
+            p = probs[: block.stop - block.start]
+            torch.mm(z[block], codebook.t())  # logits
+            torch.mm(p, codebook)  # P Q
+            torch.mm(dz[block], codebook.t())  # dP = dO Q^T
+            torch.mm(p.t(), dz[block])  # dV = P^T dO
+            torch.mm(p, codebook)  # dz = dL Q
+            torch.mm(p.t(), z[block])  # dQ = dL^T z
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    results = []
+    for n, m, d in SIZES:
+        layers = {name: build_layer({"layer": name, "n": n, "m": m, "d": d}) for name in LAYERS}
+        floor = matmul_floor(n, m, d)
+        runners = {name: (lambda layer=layer: train_step(layer)) for name, layer in layers.items()}
+        runners["matmul floor"] = floor
+        for run in runners.values():  # warm-up
+            run()
+        cpu = {name: [] for name in runners}
+        wall = {name: [] for name in runners}
+        for _ in range(args.repeats):
+            for name, run in runners.items():
+                w, c = time.perf_counter(), time.process_time()
+                run()
+                cpu[name].append(time.process_time() - c)
+                wall[name].append(time.perf_counter() - w)
+        median = {name: statistics.median(values) for name, values in cpu.items()}
+        result = {
+            "n": n,
+            "m": m,
+            "d": d,
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "median_cpu_s": median,
+            "knn_overhead_dense": median["softmax-knn_ce"] / median["softmax-none"] - 1.0,
+            "knn_overhead_efficient": median["softmax-knn_ce-efficient"] / median["softmax-none-efficient"] - 1.0,
+        }
+        results.append(result)
+        print(result["n"], result["m"], result["d"], median)
+        del layers, runners
+
+    rows = []
+    for r in results:
+        med = r["median_cpu_s"]
+        floor = med["matmul floor"]
+        rows.append(
+            [
+                r["n"],
+                r["m"],
+                r["d"],
+                f"{floor:.2f}",
+                f"{med['softmax-none']:.2f} ({med['softmax-none'] / floor:.1f}x)",
+                f"{med['softmax-knn_ce']:.2f} ({med['softmax-knn_ce'] / floor:.1f}x)",
+                f"{100 * r['knn_overhead_dense']:+.0f}%",
+                f"{med['softmax-none-efficient']:.2f} ({med['softmax-none-efficient'] / floor:.1f}x)",
+                f"{med['softmax-knn_ce-efficient']:.2f} ({med['softmax-knn_ce-efficient'] / floor:.1f}x)",
+                f"{100 * r['knn_overhead_efficient']:+.0f}%",
+            ]
+        )
+    markdown = (
+        f"Median CPU seconds of one forward+backward over {args.repeats} round-robin repeats ({args.threads} "
+        "thread); in parentheses the ratio to the matmul floor.\n\n"
+        + table(
+            [
+                "N",
+                "M",
+                "D",
+                "matmul floor",
+                "dense softmax-none",
+                "dense softmax-knn_ce",
+                "KNN overhead (dense)",
+                "efficient softmax-none",
+                "efficient softmax-knn_ce",
+                "KNN overhead (efficient)",
+            ],
+            rows,
+        )
+    )
+    save("overhead", {"environment": environment(), "repeats": args.repeats, "results": results}, markdown)
+
+
+if __name__ == "__main__":
+    main()

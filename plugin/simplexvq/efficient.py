@@ -1,0 +1,388 @@
+"""Softmax-smoothed quantization without the N x M matrix: attention form, streamed KNN, chunked statistics.
+
+The smoothed output ``Q p = softmax(logits(z, Q) / tau) Q`` is an attention with queries z, keys Q and values Q
+(section 3, appendix A.1). Two memory-efficient evaluations are offered, both exact:
+
+* :func:`soft_quantize`: ``torch.nn.functional.scaled_dot_product_attention`` with the temperature folded into
+  the queries (so it still gets a gradient) and, for Euclidean logits, one appended column
+  (``q' = [2 z, -1] / tau``, ``k' = [c, |c|^2]``: ``q'.k' = (2 z.c - |c|^2) / tau``, the row constant ``|z|^2``
+  cancels in the softmax). The output only; nothing for the KNN regularizer or the statistics.
+* :func:`streamed_softmax_quantize`: one custom autograd function that streams the rows in chunks and computes
+  in the same pass the smoothed output, the KNN regularizer (eq. 13; a running top-K per vertex, local or global
+  as in :mod:`simplexvq.knn`), the hard codes (argmax) and the usage statistics. The backward recomputes the
+  logits chunk by chunk and applies the analytic softmax/KNN gradient, so peak memory is
+  ``O(chunk * G * M + K * G * M)`` and the work is that of the dense path plus one recomputation of the logits.
+  This is what :class:`~simplexvq.ProductQuantizer` uses with ``memory_efficient=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from simplexvq import functional as VQF
+from simplexvq import knn
+from simplexvq.functional import perplexity
+
+LogitsKind = Literal["cosine", "euclid"]
+
+__all__ = ["StreamedQuantization", "soft_quantize", "streamed_softmax_quantize"]
+
+
+def _logits(kind: LogitsKind, z: Tensor, codebook: Tensor, temperature: Tensor) -> Tensor:
+    if kind == "cosine":
+        return VQF.cosine_logits(z, codebook, temperature)
+    if kind == "euclid":
+        return VQF.euclidean_logits(z, codebook, temperature)
+    raise ValueError(f"distance must be 'cosine' or 'euclid', got {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention form (scaled_dot_product_attention)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def soft_quantize(z: Tensor, codebook: Tensor, temperature: Tensor, distance: LogitsKind = "cosine") -> Tensor:
+    """``softmax(logits / tau) Q`` per group as attention: ``z`` (N, G, d), ``codebook`` (G, M, d), ``temperature``
+    (G,) -> (N, G, d), equal to the dense ``einsum(softmax(logits), Q)`` with the logits of appendix A.1
+    (``"cosine"``) or ``-|z - q|^2 / tau`` (``"euclid"``); gradients reach z, Q and tau.
+    """
+    tau = temperature[:, None, None]
+    if distance == "cosine":
+        query = F.normalize(z, dim=-1).transpose(0, 1) / tau  # (G, N, d)
+        key = F.normalize(codebook, dim=-1)
+        value = codebook
+    elif distance == "euclid":
+        query = torch.cat([2.0 * z, -torch.ones_like(z[..., :1])], dim=-1).transpose(0, 1) / tau
+        key = torch.cat([codebook, codebook.pow(2).sum(dim=-1, keepdim=True)], dim=-1)
+        value = F.pad(codebook, (0, 1))  # the fused CPU kernels want equal key and value widths
+    else:
+        raise ValueError(f"soft_quantize: distance must be 'cosine' or 'euclid', got {distance!r}")
+    # 4-D (batch, heads, length, width) inputs select the fused (flash / memory-efficient) kernels.
+    out = F.scaled_dot_product_attention(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), scale=1.0)
+    return out.squeeze(0)[..., : codebook.shape[-1]].transpose(0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streamed quantization + KNN + statistics
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamedQuantization:
+    """Result of :func:`streamed_softmax_quantize` on ``N`` rows.
+
+    ``quantized`` (N, G, d) the smoothed output ``p Q`` (``None`` unless asked for); ``knn_loss`` eq. 13 (``None``
+    without ``knn_k``); ``indices`` (N, G) the hard codes ``argmax p``; ``stats`` per group (G,):
+    ``prob_perplexity``, ``individual_perplexity``, ``max_prob`` (as :func:`simplexvq.stats.probability_stats`;
+    NaN without rows).
+    """
+
+    quantized: Tensor | None
+    knn_loss: Tensor | None
+    indices: Tensor
+    stats: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    logits: LogitsKind
+    k: int | None
+    distance: knn.KnnDistance
+    compute_output: bool
+    chunk_size: int
+    world: knn.World | None
+
+
+def streamed_softmax_quantize(
+    z: Tensor,
+    codebook: Tensor,
+    temperature: Tensor,
+    *,
+    distance: LogitsKind = "cosine",
+    knn_k: int | None = None,
+    knn_distance: knn.KnnDistance = "ce",
+    compute_output: bool = True,
+    chunk_size: int | None = None,
+    scope: knn.KnnScope = "local",
+    vertices: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> StreamedQuantization:
+    """Softmax smoothing of ``z`` (N, G, d) with ``codebook`` (G, M, d), streamed over chunks of rows.
+
+    Equal (values and gradients) to the dense computation ``log_pi = log_softmax(logits)``,
+    ``quantized = einsum(pi, Q)``, ``knn_loss(log_pi, knn_k, knn_distance, scope=..., vertices=...)`` and the
+    statistics of ``pi``, without ever holding more than ``chunk_size`` rows of the (N, G, M) logits.
+    ``chunk_size`` defaults to about 4M elements per (chunk, G, M) buffer. ``scope="global"`` joins collectives:
+    call it on every rank, also with N = 0.
+    """
+    if z.dim() != 3 or codebook.dim() != 3 or z.shape[1:] != (codebook.shape[0], codebook.shape[2]):
+        raise ValueError(
+            "streamed_softmax_quantize: z must be (N, G, d) and codebook (G, M, d), got "
+            f"{tuple(z.shape)} and {tuple(codebook.shape)}"
+        )
+    if distance not in ("cosine", "euclid"):
+        raise ValueError(f"streamed_softmax_quantize: distance must be 'cosine' or 'euclid', got {distance!r}")
+    groups, codebook_size = codebook.shape[:2]
+    chunk_size = knn.check_chunk_size(chunk_size, "streamed_softmax_quantize")
+    world = None
+    if knn_k is not None:
+        knn_k = knn.check_k(knn_k, "knn_loss")
+        if knn_distance not in ("ce", "l2"):
+            raise ValueError(f"knn_loss: distance must be 'ce' or 'l2', got {knn_distance!r}")
+        vertices = knn.check_vertices(vertices, groups, codebook_size, "knn_loss")
+        if vertices is not None:
+            vertices = vertices.to(z.device)
+        world = knn.world_of(scope, group)
+        if world is None:
+            knn.check_k_fits(knn_k, z.shape[0], "knn_loss")
+        else:
+            total = knn.global_row_count(z.shape[0], world, z.device)
+            knn.check_k_fits(knn_k, total, "knn_loss", world.size)
+    else:
+        vertices = None
+    spec = _Spec(
+        logits=distance,
+        k=knn_k,
+        distance=knn_distance,
+        compute_output=compute_output,
+        chunk_size=chunk_size or knn.default_chunk_size(groups * codebook_size),
+        world=world,
+    )
+    quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum = _StreamedSoftmax.apply(
+        z, codebook, temperature, vertices, spec
+    )
+    num_rows = z.shape[0]
+    stats = {
+        "prob_perplexity": perplexity(prob_sum / num_rows),
+        "individual_perplexity": perplexity_sum / num_rows,
+        "max_prob": max_prob_sum / num_rows,
+    }
+    return StreamedQuantization(
+        quantized=quantized if compute_output else None,
+        knn_loss=loss if knn_k is not None else None,
+        indices=indices,
+        stats=stats,
+    )
+
+
+def _keys(kind: LogitsKind, codebook: Tensor) -> Tensor:
+    """Attention keys (G, M, d'): unit code vectors (cosine) or ``[c, |c|^2]`` (Euclidean)."""
+    if kind == "cosine":
+        return F.normalize(codebook, dim=-1)
+    return torch.cat([codebook, codebook.pow(2).sum(dim=-1, keepdim=True)], dim=-1)
+
+
+def _queries(kind: LogitsKind, z: Tensor, temperature: Tensor) -> Tensor:
+    """Attention queries (c, G, d') with the temperature folded in: ``z_hat / tau`` or ``[2 z, -1] / tau``.
+
+    ``queries . keys`` are the logits up to a constant per row (``|z|^2 / tau`` for Euclidean logits), which
+    changes neither the softmax nor anything computed from it (``-log p``, entropy, argmax).
+    """
+    if kind == "cosine":
+        scaled = F.normalize(z, dim=-1)
+    else:
+        scaled = torch.cat([2.0 * z, -torch.ones_like(z[..., :1])], dim=-1)
+    return scaled / temperature[:, None]
+
+
+def _exp_shifted(logits: Tensor, top: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``e = exp(l - max l)`` and its row sums ``s`` (so ``p = e / s``, ``lse = max + log s``) and the row max."""
+    if top is None:
+        top = logits.amax(dim=-1)
+    shifted = (logits - top.unsqueeze(-1)).exp_()
+    return shifted, shifted.sum(dim=-1), top
+
+
+def _chunk_deviation(
+    spec: _Spec, logits: Tensor, shifted: Tensor, inverse: Tensor, lse: Tensor, vertices: Tensor | None
+) -> Tensor:
+    """Deviations (c, G * S) of a chunk; ``p = shifted * inverse``."""
+    if spec.distance == "ce":  # -log p_m = lse - l_m
+        picked = logits if vertices is None else knn._columns(logits, vertices)
+        out = lse.unsqueeze(-1) - picked
+    else:  # 1 - 2 p_m + |p|^2
+        picked = shifted if vertices is None else knn._columns(shifted, vertices)
+        squared_norm = torch.einsum("cgm,cgm->cg", shifted, shifted) * inverse.square()
+        out = (1.0 + squared_norm).unsqueeze(-1) - (2.0 * inverse).unsqueeze(-1) * picked
+    return out.reshape(out.shape[0], -1)
+
+
+class _StreamedSoftmax(torch.autograd.Function):
+    """Forward: per chunk, logits -> softmax -> (output, top-K merge, codes, statistics). Backward: per chunk,
+    recompute the logits under autograd, form the logits' gradient analytically, backpropagate it to z, Q, tau.
+
+    With ``p = softmax(l)``, upstream ``dO`` for ``O = p V`` and KNN weight ``w`` (``scale / (K G S)`` times the
+    upstream gradient of the loss), the gradient of a row's logits is::
+
+        output : p * (dO V^T - <dO, O>)
+        CE     : w (c_n p - 1_S)                                      (D = -log p_m)
+        L2     : p * (2 w c_n p + 2 w sum_S p_m - 2 w c_n |p|^2) - 2 w p * 1_S   (D = 1 - 2 p_m + |p|^2)
+
+    where ``1_S`` marks the row's selected vertices and ``c_n`` counts them; ``V = Q`` gets ``p^T dO`` besides.
+    Row-constant terms are folded into one (c, G) vector and ``p = e / s`` is never normalised in place, so a
+    chunk costs a few passes over its (c, G, M) buffer besides the matrix products.
+    """
+
+    @staticmethod
+    def forward(ctx, z, codebook, temperature, vertices, spec):  # noqa: D102
+        num_rows, groups, dim = z.shape
+        codebook_size = codebook.shape[1]
+        columns = groups * (codebook_size if vertices is None else vertices.shape[1])
+        quantized = z.new_empty(num_rows, groups, dim) if spec.compute_output else z.new_empty(0, groups, dim)
+        indices = torch.empty(num_rows, groups, dtype=torch.long, device=z.device)
+        prob_sum = z.new_zeros(groups, codebook_size)
+        perplexity_sum = z.new_zeros(groups)
+        max_prob_sum = z.new_zeros(groups)
+        state = None
+        if spec.k is not None:
+            state = knn.RunningTopK.empty(spec.k, columns, dtype=z.dtype, device=z.device)
+        keys = _keys(spec.logits, codebook)
+        for start in range(0, num_rows, spec.chunk_size):
+            end = min(start + spec.chunk_size, num_rows)
+            logits = torch.einsum("cgd,gmd->cgm", _queries(spec.logits, z[start:end], temperature), keys)
+            top, indices[start:end] = logits.max(dim=-1)
+            shifted, total, _ = _exp_shifted(logits, top)
+            inverse = total.reciprocal()  # = max p
+            lse = top + total.log()
+            prob_sum += torch.einsum("cgm,cg->gm", shifted, inverse)
+            entropy = lse - torch.einsum("cgm,cgm->cg", shifted, logits) * inverse  # -sum p log p
+            perplexity_sum += entropy.exp().sum(dim=0)
+            max_prob_sum += inverse.sum(dim=0)
+            if spec.compute_output:
+                output = torch.einsum("cgm,gmd->cgd", shifted, codebook)
+                quantized[start:end] = output * inverse.unsqueeze(-1)
+            if state is not None:
+                state.update(_chunk_deviation(spec, logits, shifted, inverse, lse, vertices), start)
+            del logits, shifted
+
+        loss = z.new_zeros(())
+        rows = selected = None
+        scale = 1.0
+        if state is not None:
+            if spec.world is None:
+                selected, total_top = state.rows >= 0, state.values.sum()
+            else:
+                selected, total_top = knn.select_global(state.values, spec.k, spec.world)
+                selected &= state.rows >= 0
+                scale = float(spec.world.size)
+            loss = total_top / (spec.k * columns)
+            rows = state.rows
+        ctx.scale = scale / (spec.k * columns) if spec.k is not None else 0.0
+        ctx.spec = spec
+        ctx.save_for_backward(z, codebook, temperature, quantized, vertices, rows, selected)
+        ctx.mark_non_differentiable(indices, prob_sum, perplexity_sum, max_prob_sum)
+        ctx.set_materialize_grads(False)
+        return quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum
+
+    @staticmethod
+    def backward(ctx, grad_quantized, grad_loss, *unused):  # noqa: D102
+        z, codebook, temperature, quantized, vertices, rows, selected = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        if not spec.compute_output:
+            grad_quantized = None
+        if spec.k is None:
+            grad_loss = None
+        if grad_quantized is None and grad_loss is None:
+            return None, None, None, None, None
+        num_rows, groups, _ = z.shape
+        if grad_loss is not None:
+            entry_row, entry_group, entry_code = knn.selected_entries(rows, selected, groups, vertices)
+            bounds = torch.arange(0, num_rows + spec.chunk_size, spec.chunk_size, device=z.device).clamp_max(num_rows)
+            cuts = torch.searchsorted(entry_row, bounds).tolist()
+            weight = grad_loss * ctx.scale
+        need_z, need_codebook, need_temperature = ctx.needs_input_grad[:3]
+        grad_z = torch.zeros_like(z) if need_z else None
+        grad_codebook = torch.zeros_like(codebook) if need_codebook else None
+        grad_temperature = torch.zeros_like(temperature) if need_temperature else None
+        codebook_leaf = codebook.detach().requires_grad_(need_codebook)
+        with torch.enable_grad():
+            keys_graph = _keys(spec.logits, codebook_leaf)
+        keys = keys_graph.detach().requires_grad_(need_codebook)
+        grad_keys = torch.zeros_like(keys) if need_codebook else None
+        temperature_leaf = temperature.detach().requires_grad_(need_temperature)
+
+        for chunk, start in enumerate(range(0, num_rows, spec.chunk_size)):
+            end = min(start + spec.chunk_size, num_rows)
+            has_entries = grad_loss is not None and cuts[chunk + 1] > cuts[chunk]
+            if grad_quantized is None and not has_entries:
+                continue
+            z_chunk = z[start:end].detach().requires_grad_(need_z)
+            with torch.enable_grad():
+                queries = _queries(spec.logits, z_chunk, temperature_leaf)
+            logits = torch.einsum("cgd,gmd->cgm", queries.detach(), keys.detach())
+            shifted, total, _ = _exp_shifted(logits)
+            del logits
+            inverse = total.reciprocal()
+            # grad_logits = shifted * (inner - row[..., None]), with p = shifted * inverse
+            row = torch.zeros_like(inverse)
+            if grad_quantized is not None:
+                upstream = grad_quantized[start:end] * inverse.unsqueeze(-1)
+                inner = torch.einsum("cgd,gmd->cgm", upstream, codebook)
+                row += torch.einsum("cgd,cgd->cg", upstream, quantized[start:end])
+                if grad_codebook is not None:
+                    grad_codebook += torch.einsum("cgm,cgd->gmd", shifted, upstream)
+            else:
+                inner = torch.zeros_like(shifted)
+            if has_entries:
+                span = slice(cuts[chunk], cuts[chunk + 1])
+                sparse = _add_knn_gradient(
+                    spec.distance,
+                    inner,
+                    row,
+                    shifted,
+                    inverse,
+                    (entry_row[span] - start, entry_group[span], entry_code[span]),
+                    weight,
+                )
+            inner.sub_(row.unsqueeze(-1)).mul_(shifted)
+            if has_entries:
+                inner.index_put_(sparse[0], sparse[1], accumulate=True)
+            grad_queries = torch.einsum("cgm,gmd->cgd", inner, keys.detach())
+            if grad_keys is not None:
+                grad_keys += torch.einsum("cgm,cgd->gmd", inner, queries.detach())
+            del inner, shifted
+            wanted = [x for x in (z_chunk, temperature_leaf) if x.requires_grad]
+            if wanted:
+                grads = iter(torch.autograd.grad(queries, wanted, grad_queries))
+                if grad_z is not None:
+                    grad_z[start:end] = next(grads)
+                if grad_temperature is not None:
+                    grad_temperature += next(grads)
+        if grad_codebook is not None:
+            (grad_from_keys,) = torch.autograd.grad(keys_graph, codebook_leaf, grad_keys)
+            grad_codebook += grad_from_keys
+        return grad_z, grad_codebook, grad_temperature, None, None
+
+
+def _add_knn_gradient(
+    distance: str,
+    inner: Tensor,
+    row: Tensor,
+    shifted: Tensor,
+    inverse: Tensor,
+    entries: tuple[Tensor, Tensor, Tensor],
+    weight: Tensor,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """Fold the KNN term's gradient w.r.t. a chunk's logits into ``inner`` and ``row`` (in place), where the final
+    gradient is ``shifted * (inner - row)`` plus the returned sparse part ``(indices, values)`` at the selected
+    entries (see :class:`_StreamedSoftmax`; ``p = shifted * inverse``)."""
+    index_row, index_group, index_code = entries
+    counts = torch.zeros_like(inverse).index_put_(
+        (index_row, index_group), torch.ones_like(index_row, dtype=inverse.dtype), accumulate=True
+    )
+    if distance == "ce":  # w (c p - 1_S): c p folds into the row term
+        row -= weight * counts * inverse
+        return entries, (-weight).expand(index_row.shape)
+    picked = shifted[entries] * inverse[index_row, index_group]
+    selected_mass = torch.zeros_like(inverse).index_put_((index_row, index_group), picked, accumulate=True)
+    squared_norm = torch.einsum("cgm,cgm->cg", shifted, shifted) * inverse.square()
+    row -= 2.0 * weight * (selected_mass - counts * squared_norm) * inverse
+    touched = (counts > 0).nonzero(as_tuple=True)  # 2 w c p * p: only rows with a selection
+    inner[touched] += (2.0 * weight * counts * inverse.square())[touched].unsqueeze(-1) * shifted[touched]
+    return entries, -2.0 * weight * picked

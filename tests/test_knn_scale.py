@@ -1,0 +1,505 @@
+"""Tests of the KNN regularizer at scale (issue 4): streamed top-K, vertex subsets, global neighbours across ranks,
+the attention form and the fused memory-efficient quantizer.
+
+Every fast path is compared with the dense computation (itself tested against naive references in
+``tests/test_functional.py`` and ``tests/test_quantizer.py``) or with a naive reference written here, on values and
+on gradients, in float64. The distributed test runs ``tests/distributed/global_knn_worker.py`` under ``torchrun``
+with two gloo ranks and compares every rank with one process holding the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import simplexvq
+from simplexvq import functional as VQF
+from simplexvq.efficient import soft_quantize, streamed_softmax_quantize
+from simplexvq.knn import RunningTopK, select_among_gathered
+
+DT = torch.float64
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKER = REPO_ROOT / "tests" / "distributed" / "global_knn_worker.py"
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _log_probs(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.log_softmax(2.0 * torch.randn(shape, generator=_gen(seed), dtype=DT), dim=-1)
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], weight: torch.Tensor | None = None) -> list[torch.Tensor]:
+    total = out.sum() if weight is None else (out * weight).sum()
+    grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+
+
+def naive_subset_knn(log_probs: torch.Tensor, k: int, distance: str, vertices: torch.Tensor) -> torch.Tensor:
+    """Eq. 13 over the vertex subset ``vertices`` (G, S): explicit loops and sorting, normalised by S K."""
+    n_pos, groups, entries = log_probs.shape
+    total = 0.0
+    for g in range(groups):
+        for m in vertices[g].tolist():
+            deviations = []
+            for n in range(n_pos):
+                p = log_probs[n, g].exp()
+                if distance == "ce":
+                    deviations.append(-log_probs[n, g, m])
+                else:
+                    vertex = torch.zeros(entries, dtype=DT)
+                    vertex[m] = 1.0
+                    deviations.append(((vertex - p) ** 2).sum())
+            order = sorted(range(n_pos), key=lambda i: deviations[i].item())
+            total = total + sum(deviations[i] for i in order[:k])
+    return total / (groups * vertices.shape[1] * k)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streamed top-K and the functional API
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+@pytest.mark.parametrize("order", ["random", "descending", "ties"])
+def test_running_topk_equals_full_topk(chunk, order):
+    """Random rows take the sparse merge, descending rows (every entry a candidate) the dense one; with ties the
+    values must match and every row must be distinct and hold its value."""
+    deviations = torch.randn(200, 11, generator=_gen(1), dtype=DT)
+    if order == "descending":
+        deviations = deviations.sort(dim=0, descending=True).values
+    elif order == "ties":
+        deviations = torch.randint(0, 4, (200, 11), generator=_gen(1)).to(DT)
+    for k in (1, 4, 200):
+        state = RunningTopK.empty(k, 11, dtype=DT, device=torch.device("cpu"))
+        for start in range(0, 200, chunk):
+            state.update(deviations[start : start + chunk], start)
+        expected = deviations.topk(k, dim=0, largest=False)
+        assert torch.equal(state.values.sort(dim=0).values, expected.values)
+        assert torch.equal(deviations.gather(0, state.rows), state.values)
+        rows = state.rows.sort(dim=0).values
+        assert bool((rows[1:] != rows[:-1]).all()) and bool((rows >= 0).all())
+        if order != "ties":
+            assert torch.equal(rows, expected.indices.sort(dim=0).values)
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (8, 2, 5), (13, 3, 3)])
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+def test_streamed_knn_loss_equals_dense(shape, distance, chunk_size):
+    log_probs = _log_probs(shape, seed=2).requires_grad_(True)
+    mask = torch.ones(shape[0], dtype=torch.bool)
+    mask[[1, 5]] = False
+    for k in (1, 3, int(mask.sum())):
+        dense = VQF.knn_loss(log_probs, k, distance, mask=mask)
+        streamed = VQF.knn_loss(log_probs, k, distance, mask=mask, chunk_size=chunk_size)
+        torch.testing.assert_close(streamed, dense)
+        weight = torch.tensor(1.7, dtype=DT)
+        (expected,) = _grads(dense, [log_probs], weight)
+        (got,) = _grads(streamed, [log_probs], weight)
+        assert torch.count_nonzero(expected) > 0
+        torch.testing.assert_close(got, expected)
+        assert torch.count_nonzero(got[~mask]) == 0  # padding gets no gradient
+
+
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("shared", [True, False])
+def test_vertex_subset_matches_naive(distance, chunk_size, shared):
+    log_probs = _log_probs((7, 2, 5), seed=3).requires_grad_(True)
+    vertices = torch.tensor([1, 4]) if shared else torch.tensor([[0, 3], [2, 4]])
+    per_group = vertices.expand(2, -1) if shared else vertices
+    got = VQF.knn_loss(log_probs, 3, distance, vertices=vertices, chunk_size=chunk_size)
+    expected = naive_subset_knn(log_probs, 3, distance, per_group)
+    torch.testing.assert_close(got, expected)
+    for g_got, g_exp in zip(_grads(got, [log_probs]), _grads(expected, [log_probs]), strict=True):
+        torch.testing.assert_close(g_got, g_exp)
+
+
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+def test_vertex_subsampling_is_unbiased(distance):
+    """Averaged over every S-subset of vertices, the subsampled loss and gradient equal the full ones (section 5.3)."""
+    log_probs = _log_probs((6, 2, 5), seed=4).requires_grad_(True)
+    full = VQF.knn_loss(log_probs, 2, distance)
+    subsets = [torch.tensor(s) for s in itertools.combinations(range(5), 2)]
+    losses = [VQF.knn_loss(log_probs, 2, distance, vertices=s) for s in subsets]
+    mean_loss = torch.stack(losses).mean()
+    torch.testing.assert_close(mean_loss, full)
+    torch.testing.assert_close(_grads(mean_loss, [log_probs])[0], _grads(full, [log_probs])[0])
+    assert torch.stack(losses).std() > 0  # each subset alone differs: only the expectation is exact
+
+
+def test_global_scope_without_process_group_is_local():
+    assert not dist.is_initialized()
+    log_probs = _log_probs((6, 2, 4), seed=5).requires_grad_(True)
+    for chunk_size in (None, 2):
+        local = VQF.knn_loss(log_probs, 2, "l2")
+        global_ = VQF.knn_loss(log_probs, 2, "l2", scope="global", chunk_size=chunk_size)
+        torch.testing.assert_close(global_, local)
+        torch.testing.assert_close(_grads(global_, [log_probs])[0], _grads(local, [log_probs])[0])
+    with pytest.raises(ValueError, match=r"k=7.*N=6"):
+        VQF.knn_loss(log_probs, 7, scope="global")
+
+
+def test_select_among_gathered_is_the_global_topk():
+    """Three simulated ranks with unequal rows (one smaller than K, one empty): the union of the selections is the
+    top-K of the concatenation, and the reported sum is the same on every rank."""
+    k, columns = 3, 6
+    rows = {0: torch.randn(5, columns, generator=_gen(6), dtype=DT), 1: torch.randn(2, columns, generator=_gen(7))}
+    rows[1] = rows[1].to(DT)
+    rows[2] = torch.empty(0, columns, dtype=DT)
+    candidates = []
+    for rank in range(3):
+        local = rows[rank].topk(min(k, rows[rank].shape[0]), dim=0, largest=False).values
+        candidates.append(torch.cat([local, torch.full((k - local.shape[0], columns), float("inf"), dtype=DT)]))
+    gathered = torch.stack(candidates)
+    everything = torch.cat([rows[r] for r in range(3)])
+    expected = everything.topk(k, dim=0, largest=False).values
+    picked, sums = [], []
+    for rank in range(3):
+        selected, total = select_among_gathered(gathered, k, rank)
+        picked.append(torch.where(selected, candidates[rank], torch.zeros_like(candidates[rank])))
+        sums.append(total)
+        assert not bool((selected & torch.isinf(candidates[rank])).any())
+    torch.testing.assert_close(sum(p.sum(dim=0) for p in picked), expected.sum(dim=0))
+    assert sum(int(s.sum()) for s in (select_among_gathered(gathered, k, r)[0] for r in range(3))) == k * columns
+    assert all(torch.equal(s, sums[0]) for s in sums)
+    torch.testing.assert_close(sums[0], expected.sum())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scope": "world"}, r"scope must be 'local' or 'global'"),
+        ({"chunk_size": 0}, r"chunk_size must be a positive integer"),
+        ({"vertices": torch.tensor([0, 9])}, r"vertices must lie in \[0, M=4\)"),
+        ({"vertices": torch.tensor([1, 1])}, r"vertices must not repeat"),
+        ({"vertices": torch.tensor([[0], [1], [2]])}, r"vertices must have shape \(S,\) or \(G=2, S\)"),
+        ({"vertices": torch.tensor([0.0])}, r"vertices must be an integer tensor"),
+    ],
+)
+def test_knn_loss_bad_scale_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VQF.knn_loss(_log_probs((5, 2, 4), seed=8), 2, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention form and fused streamed quantization vs the dense path
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _inputs(n: int, groups: int, entries: int, d: int, seed: int) -> list[torch.Tensor]:
+    gen = _gen(seed)
+    z = torch.randn(n, groups, d, generator=gen, dtype=DT)
+    codebook = torch.randn(groups, entries, d, generator=gen, dtype=DT)
+    temperature = 0.3 + torch.rand(groups, generator=gen, dtype=DT)
+    return [x.requires_grad_(True) for x in (z, codebook, temperature)]
+
+
+def _dense(z, codebook, temperature, distance, k=None, knn_distance="ce", vertices=None):
+    logits = VQF.cosine_logits(z, codebook, temperature) if distance == "cosine" else None
+    if logits is None:
+        logits = VQF.euclidean_logits(z, codebook, temperature)
+    log_pi = torch.log_softmax(logits, dim=-1)
+    pi = log_pi.exp()
+    loss = None if k is None else VQF.knn_loss(log_pi, k, knn_distance, vertices=vertices)
+    return torch.einsum("ngm,gmd->ngd", pi, codebook), loss, pi
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclid"])
+@pytest.mark.parametrize("shape", [(9, 1, 6, 3), (7, 3, 4, 5)])
+def test_soft_quantize_attention_equals_dense(distance, shape):
+    inputs = _inputs(*shape, seed=10)
+    expected, _, _ = _dense(*inputs, distance)
+    got = soft_quantize(*inputs, distance)
+    torch.testing.assert_close(got, expected)
+    weight = torch.randn(expected.shape, generator=_gen(11), dtype=DT)
+    for g_got, g_exp in zip(_grads(got, inputs, weight), _grads(expected, inputs, weight), strict=True):
+        assert torch.count_nonzero(g_exp) > 0  # z, Q and the temperature all receive a gradient
+        torch.testing.assert_close(g_got, g_exp)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclid"])
+@pytest.mark.parametrize("knn_distance", ["ce", "l2"])
+@pytest.mark.parametrize(
+    ("shape", "chunk_size", "k"), [((11, 1, 5, 3), 1, 2), ((13, 2, 4, 3), 4, 3), ((6, 3, 7, 2), 64, 6)]
+)
+@pytest.mark.parametrize("subset", [False, True])
+def test_streamed_softmax_quantize_equals_dense(distance, knn_distance, shape, chunk_size, k, subset):
+    inputs = _inputs(*shape, seed=12)
+    vertices = torch.tensor([1, 3]) if subset else None
+    out, loss, pi = _dense(*inputs, distance, k, knn_distance, vertices)
+    result = streamed_softmax_quantize(
+        *inputs, distance=distance, knn_k=k, knn_distance=knn_distance, chunk_size=chunk_size, vertices=vertices
+    )
+    torch.testing.assert_close(result.quantized, out)
+    torch.testing.assert_close(result.knn_loss, loss)
+    assert torch.equal(result.indices, pi.argmax(dim=-1))
+    expected_stats = simplexvq.stats.probability_stats(pi)
+    for name, value in expected_stats.items():
+        torch.testing.assert_close(result.stats[name], value)
+    weight = torch.randn(out.shape, generator=_gen(13), dtype=DT)
+    for alpha in (0.0, 2.5):  # output gradient alone, then output and KNN together
+        expected = _grads((out * weight).sum() + alpha * loss, inputs)
+        got = _grads((result.quantized * weight).sum() + alpha * result.knn_loss, inputs)
+        for g_got, g_exp in zip(got, expected, strict=True):
+            torch.testing.assert_close(g_got, g_exp)
+    for g_got, g_exp in zip(_grads(result.knn_loss, inputs), _grads(loss, inputs), strict=True):  # KNN alone
+        assert torch.count_nonzero(g_exp) > 0
+        torch.testing.assert_close(g_got, g_exp)
+
+
+def test_streamed_softmax_quantize_gradcheck():
+    inputs = _inputs(4, 2, 3, 2, seed=14)
+    for knn_distance in ("ce", "l2"):
+
+        def fn(z, q, t, knn_distance=knn_distance):
+            result = streamed_softmax_quantize(z, q, t, knn_k=2, knn_distance=knn_distance, chunk_size=2)
+            return result.quantized, result.knn_loss
+
+        assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_streamed_without_rows_and_without_output():
+    z, codebook, temperature = _inputs(0, 2, 4, 3, seed=15)
+    result = streamed_softmax_quantize(z, codebook, temperature)
+    assert result.quantized.shape == (0, 2, 3) and result.indices.shape == (0, 2) and result.knn_loss is None
+    with pytest.raises(ValueError, match=r"k=1.*N=0"):
+        streamed_softmax_quantize(z, codebook, temperature, knn_k=1)
+    z, codebook, temperature = _inputs(6, 2, 4, 3, seed=16)
+    result = streamed_softmax_quantize(z, codebook, temperature, knn_k=2, compute_output=False, chunk_size=4)
+    _, loss, _ = _dense(z, codebook, temperature, "cosine", 2)
+    assert result.quantized is None
+    torch.testing.assert_close(result.knn_loss, loss)
+    for g_got, g_exp in zip(_grads(result.knn_loss, [z, codebook]), _grads(loss, [z, codebook]), strict=True):
+        torch.testing.assert_close(g_got, g_exp)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The quantizer's options
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _pair(regularizer: str, distance: str, inference: str = "hard", **extra):
+    config = simplexvq.quantizer_config(
+        f"softmax-{regularizer}",
+        dim=12,
+        groups=2,
+        codebook_size=7,
+        knn_k=3,
+        distance=distance,
+        inference=inference,
+        regularizer_weight=0.7,
+    )
+    torch.manual_seed(0)
+    dense = simplexvq.ProductQuantizer(config).double()
+    efficient = simplexvq.ProductQuantizer(dataclasses.replace(config, memory_efficient=True, **extra)).double()
+    efficient.load_state_dict(dense.state_dict())
+    return dense, efficient
+
+
+@pytest.mark.parametrize("regularizer", ["knn_ce", "knn_l2", "none"])
+@pytest.mark.parametrize("distance", ["cosine", "euclid"])
+@pytest.mark.parametrize("mode", ["train", "eval_hard", "eval_soft"])
+def test_memory_efficient_quantizer_equals_dense(regularizer, distance, mode):
+    dense, efficient = _pair(regularizer, distance, "soft" if mode == "eval_soft" else "hard", chunk_size=4)
+    if mode != "train":
+        dense.eval()
+        efficient.eval()
+    z = torch.randn(3, 9, 12, generator=_gen(20), dtype=DT)
+    pad = torch.rand(3, 9, generator=_gen(21)) < 0.3
+    z_dense, z_eff = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    expected, got = dense(z_dense, pad), efficient(z_eff, pad)
+    torch.testing.assert_close(got.quantized, expected.quantized)
+    assert torch.equal(got.indices, expected.indices)
+    assert got.losses.keys() == expected.losses.keys()
+    for name in expected.losses:
+        torch.testing.assert_close(got.losses[name], expected.losses[name])
+    assert got.stats.keys() == expected.stats.keys()
+    for name in expected.stats:
+        torch.testing.assert_close(got.stats[name], expected.stats[name])
+    weight = torch.randn(z.shape, generator=_gen(22), dtype=DT)
+    ((expected.quantized * weight).sum() + expected.loss).backward()
+    ((got.quantized * weight).sum() + got.loss).backward()
+    pairs = [(z_dense.grad, z_eff.grad)] + [
+        (p.grad, q.grad) for p, q in zip(dense.parameters(), efficient.parameters(), strict=True)
+    ]
+    for g_exp, g_got in pairs:
+        if g_exp is None:
+            assert g_got is None or torch.count_nonzero(g_got) == 0
+        else:
+            torch.testing.assert_close(g_got, g_exp)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_quantizer_vertex_subsample(memory_efficient):
+    """Training regularizes the drawn subset (normalised by S K); eval mode uses every vertex."""
+    config = simplexvq.quantizer_config(
+        "softmax-knn_ce",
+        dim=8,
+        groups=2,
+        codebook_size=6,
+        knn_k=2,
+        vertex_subsample=3,
+        memory_efficient=memory_efficient,
+    )
+    torch.manual_seed(0)
+    quantizer = simplexvq.ProductQuantizer(config).double()
+    z = torch.randn(20, 8, generator=_gen(30), dtype=DT)
+    torch.manual_seed(123)
+    loss = quantizer(z).loss
+    torch.manual_seed(123)
+    vertices = torch.rand(2, 6).argsort(dim=-1)[:, :3].sort(dim=-1).values
+    log_pi = torch.log_softmax(quantizer.logits(z.reshape(20, 2, 4), quantizer.codebook()), dim=-1)
+    torch.testing.assert_close(loss, naive_subset_knn(log_pi, 2, "ce", vertices))
+    quantizer.eval()
+    torch.testing.assert_close(quantizer(z).loss, VQF.knn_loss(log_pi, 2, "ce"))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor produced by any operator (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in tree_flatten(out)[0]:
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+def test_memory_efficient_never_builds_n_by_m():
+    n, groups, entries, chunk, k = 256, 2, 128, 16, 4
+    config = simplexvq.quantizer_config("softmax-knn_l2", dim=8, groups=groups, codebook_size=entries, knn_k=k)
+    largest = {}
+    for efficient in (False, True):
+        torch.manual_seed(0)
+        quantizer = simplexvq.ProductQuantizer(
+            dataclasses.replace(config, memory_efficient=efficient, chunk_size=chunk if efficient else None)
+        )
+        z = torch.randn(n, 8, requires_grad=True)
+        with _LargestTensor() as mode:
+            out = quantizer(z)
+            (out.quantized.square().sum() + out.loss).backward()
+        largest[efficient] = mode.largest
+    assert largest[False] >= n * groups * entries
+    assert largest[True] <= (chunk + k) * groups * entries < n * groups * entries // 8
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"knn_scope": "world"}, r"knn_scope='world' is not one of local, global"),
+        ({"knn_scope": "global", "regularizer": "perplexity"}, r"knn_scope='global'.*regularizer='perplexity'"),
+        ({"memory_efficient": True, "method": "hard_gumbel"}, r"memory_efficient=True .*method='softmax'"),
+        ({"memory_efficient": True, "regularizer": "perplexity"}, r"memory_efficient=True supports"),
+        ({"memory_efficient": 1}, r"memory_efficient must be True or False"),
+        ({"chunk_size": 0, "memory_efficient": True}, r"chunk_size must be a positive integer"),
+        ({"chunk_size": 8, "regularizer": "perplexity"}, r"chunk_size streams"),
+        ({"vertex_subsample": 9}, r"vertex_subsample=9 exceeds codebook_size=4"),
+        ({"vertex_subsample": 2, "regularizer": "none"}, r"vertex_subsample subsamples"),
+    ],
+)
+def test_invalid_scale_config_is_rejected(fields, message):
+    with pytest.raises(ValueError, match=message):
+        simplexvq.QuantizerConfig(dim=8, codebook_size=4, **fields)
+
+
+def test_memory_efficient_refuses_return_probs():
+    quantizer = simplexvq.build_quantizer("softmax-knn_ce", dim=8, codebook_size=4, knn_k=2, memory_efficient=True)
+    with pytest.raises(ValueError, match=r"return_probs=True .*memory_efficient=True"):
+        quantizer(torch.randn(6, 8), return_probs=True)
+
+
+def test_local_quantizer_still_rejects_an_empty_batch():
+    quantizer = simplexvq.build_quantizer("softmax-knn_ce", dim=8, codebook_size=4, knn_k=2, knn_scope="global")
+    with pytest.raises(ValueError, match=r"no positions to quantize"):
+        quantizer(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool))  # no process group: local rules
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two gloo ranks vs one process holding both halves
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("global_knn_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tensor(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=DT)
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed + gloo")
+def test_global_knn_matches_single_process(tmp_path):
+    worker = _load_worker()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(WORKER), str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, f"torchrun failed\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    world_size = 2
+    assert [r["world_size"] for r in reports] == [world_size, world_size]
+
+    for name in worker.FUNCTIONAL:
+        z, weight, sizes = worker.functional_data(name)
+        z, weight = z.requires_grad_(True), weight.requires_grad_(True)
+        loss = worker.functional_loss(name, z, weight, "local")  # one process, concatenated batch
+        grad_z, grad_weight = torch.autograd.grad(loss, [z, weight])
+        shards = grad_z.split(list(sizes))
+        for rank, report in enumerate(reports):
+            got = report["functional"][name]
+            torch.testing.assert_close(_tensor(got["loss"]), loss.detach(), msg=f"{name} rank {rank} loss")
+            torch.testing.assert_close(_tensor(got["weight_grad"]), grad_weight.reshape(-1), msg=f"{name} grad")
+            # each rank's input gradient is W times its rows' share (DDP then averages over W ranks)
+            expected_z = world_size * shards[rank].reshape(-1)
+            torch.testing.assert_close(_tensor(got["z_grad"]).reshape(-1), expected_z, msg=f"{name} z grad")
+
+    for name in worker.QUANTIZER:
+        shards = worker.quantizer_shards(name)
+        quantizer = worker.build_quantizer(name, "local")
+        rows = [z.reshape(-1, worker.DIM)[~pad.reshape(-1)] for z, pad in shards]
+        everything = torch.cat(rows).requires_grad_(True)
+        torch.manual_seed(worker.SUBSAMPLE_SEED)  # rank 0's vertex draw, which the worker broadcasts
+        loss = quantizer(everything).loss
+        loss.backward()
+        row_grads = everything.grad.split([r.shape[0] for r in rows])
+        for rank, report in enumerate(reports):
+            got = report["quantizer"][name]
+            assert got["valid_rows"] == rows[rank].shape[0]
+            torch.testing.assert_close(_tensor(got["loss"]), loss.detach(), msg=f"{name} rank {rank} loss")
+            for param_name, param in quantizer.named_parameters():
+                torch.testing.assert_close(
+                    _tensor(got["grads"][param_name]), param.grad.reshape(-1), msg=f"{name} {param_name}"
+                )
+            z, pad = shards[rank]
+            expected = torch.zeros(z.shape, dtype=DT).reshape(-1, worker.DIM)
+            expected[~pad.reshape(-1)] = world_size * row_grads[rank]
+            torch.testing.assert_close(_tensor(got["z_grad"]), expected.reshape(-1), msg=f"{name} z grad")
+    assert any(r["quantizer"]["efficient-rank0-empty"]["valid_rows"] == 0 for r in reports)
+    assert any(r["quantizer"]["dense-rank0-all-padding"]["valid_rows"] == 0 for r in reports)
+
+    for report in reports:  # K above the global N: the same error on both ranks, nobody hangs
+        message = report["errors"]["k-above-global-n"]
+        assert message is not None and "k=4" in message and "all 2 ranks" in message and "N=3" in message
