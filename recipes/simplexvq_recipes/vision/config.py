@@ -1,0 +1,119 @@
+"""Configuration of the discrete-autoencoding recipe (section 4.1, appendix B.1); YAML presets in configs/vision/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from simplexvq_vision import AutoencoderConfig
+from simplexvq_vision.data import BAD_IMAGE_POLICIES, NORMALIZATIONS
+
+# Euclidean STE / rotation-trick baselines train with lr 5e-5 and no weight decay (B.1).
+EUCLIDEAN_HARD_METHODS: tuple[str, ...] = ("ste-euclid", "rotation-euclid")
+
+
+@dataclass
+class DataConfig:
+    """Images: the ImageNet folder layout, or tiles of offline photographs for demos and tests."""
+
+    dataset: str = "imagenet"
+    """``imagenet``: ``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*`` center-cropped to
+    ``image_size``; ``photos``: tiles of scikit-image's (and optionally opencv-doc's) photographs."""
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 256
+    batch_size: int = 16
+    """Per process: the paper's 64 is 16 x 4 GPUs."""
+    eval_batch_size: int = 32
+    num_workers: int = 8
+    on_bad_image: str = "error"
+    """``error``: stop with the unreadable file's name; ``skip``: warn naming it and use the next image."""
+    normalization: str = "imagenet"
+    """Model input space: ``imagenet`` (mean/std), ``symmetric`` ([-1, 1]) or ``none`` ([0, 1])."""
+    photo_sources: list[str] = field(default_factory=lambda: ["skimage"])
+    photo_scales: list[float] = field(default_factory=lambda: [0.25, 0.5])
+
+    def validate(self) -> None:
+        if self.dataset not in ("imagenet", "photos"):
+            raise ValueError(f"data.dataset must be 'imagenet' or 'photos', got {self.dataset!r}")
+        if self.dataset == "imagenet" and not self.root:
+            raise ValueError("data.root must name the ImageNet folder (with train/ and val/ class folders)")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        for name in ("image_size", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine annealing to ``final_lr_ratio`` of the peak (B.1)."""
+
+    lr: float | None = None
+    """Peak learning rate; None: 1e-4, or 5e-5 for the Euclidean STE / rotation baselines."""
+    weight_decay: float | None = None
+    """None: 1e-4, or 0 for the Euclidean STE / rotation baselines."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 16_000
+    final_lr_ratio: float = 0.5
+    grad_clip_norm: float = 0.0
+    """0: no clipping."""
+
+    def resolved(self, method: str) -> tuple[float, float]:
+        """(peak lr, weight decay) for ``method``, applying the paper's per-method defaults."""
+        euclidean_hard = method in EUCLIDEAN_HARD_METHODS
+        lr = self.lr if self.lr is not None else (5e-5 if euclidean_hard else 1e-4)
+        weight_decay = self.weight_decay if self.weight_decay is not None else (0.0 if euclidean_hard else 1e-4)
+        return lr, weight_decay
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 25
+    steps: int = 0
+    """> 0: train this many optimizer steps instead of ``epochs`` epochs."""
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 2000
+    """Validate (code usage, rMSE, PSNR; PNG grid and histogram) every this many steps; 0: only at the end."""
+    eval_at_start: bool = True
+    """Also validate the untrained model at step 0 (the starting point of the curves)."""
+    eval_max_batches: int = 0
+    """Validation batches per process during training; 0: the whole validation set."""
+    checkpoint_every: int = 2000
+    keep_last: int = 2
+    grid_images: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """Feature metrics of the evaluate command (training never computes them)."""
+
+    inception_weights: str = "auto"
+    """``auto`` (torchvision's cached file if present), ``download``, a file path, or ``none``; without weights
+    the Fréchet distance on a random-init Inception-v3 is reported, never labelled FID."""
+    feature_metrics: bool = True
+    is_splits: int = 10
+    max_batches: int = 0
+    """Validation batches per process to evaluate; 0: the whole validation set (what the paper reports)."""
+
+
+@dataclass
+class VisionRecipeConfig:
+    """Everything one training run needs; saved as ``<output_dir>/config.yaml`` for the evaluate command."""
+
+    output_dir: str = "runs/vision"
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.model.latent_shape(self.data.image_size)  # image size divisible by the encoder's reduction
+        if self.training.steps < 0 or self.training.epochs < 1 and self.training.steps == 0:
+            raise ValueError("set training.epochs >= 1 or training.steps >= 1")

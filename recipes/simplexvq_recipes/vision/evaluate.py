@@ -1,0 +1,108 @@
+"""Evaluate a trained autoencoder checkpoint on the validation set; write JSON and a Markdown row of Table 1.
+
+    python -m simplexvq_recipes.vision.evaluate --run-dir runs/16x16x32-softmax-knn_ce \\
+        [--checkpoint runs/.../checkpoints/step_00500000] [eval.inception_weights=/path/inception.pth] [data.root=...]
+
+Reads ``<run-dir>/config.yaml`` (``key=value`` arguments override it) and the newest checkpoint unless one is
+given. Reports code usage over the whole validation set, per-image code usage, rMSE, PSNR and FID / Inception
+Score with torchvision's Inception-v3; without its weights it says so and reports ``fd_random_inception_v3``
+instead (not FID). Runs under ``accelerate launch`` on several processes too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
+from simplexvq_recipes.training.checkpoint import TRAINER_STATE, CheckpointManager
+from simplexvq_recipes.training.config import load_config
+from simplexvq_recipes.training.plots import plot_code_histogram
+from simplexvq_recipes.vision.config import VisionRecipeConfig
+from simplexvq_recipes.vision.data import build_dataset, build_loader
+from simplexvq_recipes.vision.evaluation import evaluate
+from simplexvq_recipes.vision.table import table1_markdown
+from simplexvq_vision import DiscreteAutoencoder, Normalizer, load_inception
+
+
+def load_weights(model: DiscreteAutoencoder, checkpoint: Path) -> None:
+    """Load the model weights that ``accelerator.save_state`` wrote into ``checkpoint``."""
+    safetensors_file, torch_file = checkpoint / "model.safetensors", checkpoint / "pytorch_model.bin"
+    if safetensors_file.is_file():
+        state = load_file(str(safetensors_file))
+    elif torch_file.is_file():
+        state = torch.load(torch_file, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in checkpoint {checkpoint}")
+    model.load_state_dict(state)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True, help="output_dir of the training run")
+    parser.add_argument("--checkpoint", type=Path, help="a step_XXXXXXXX folder (default: the newest)")
+    parser.add_argument("--output-dir", type=Path, help="where to write the results (default: <run-dir>/eval)")
+    parser.add_argument("overrides", nargs="*", help="key=value changes to the run's config.yaml")
+    args = parser.parse_args(argv)
+
+    config_file = args.run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: --run-dir must be the output_dir of a training run")
+    config = load_config(VisionRecipeConfig, config_file, args.overrides)
+    config.validate()
+    accelerator = Accelerator()
+    checkpoint = args.checkpoint or CheckpointManager(accelerator, args.run_dir / "checkpoints").latest()
+    if checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint under {args.run_dir / 'checkpoints'}")
+    state_file = checkpoint / TRAINER_STATE
+    step = json.loads(state_file.read_text())["step"] if state_file.is_file() else None
+
+    model = DiscreteAutoencoder(config.model)
+    load_weights(model, checkpoint)
+    model.to(accelerator.device)
+    normalizer = Normalizer(config.data.normalization)
+    val_set = build_dataset(config.data, "val")
+    loader = accelerator.prepare(build_loader(val_set, config.data, train=False, seed=config.training.seed))
+    features = None
+    if config.eval.feature_metrics:
+        features = load_inception(config.eval.inception_weights).to(accelerator.device)
+    result = evaluate(
+        model,
+        loader,
+        accelerator,
+        normalizer,
+        features=features,
+        max_batches=config.eval.max_batches,
+        is_splits=config.eval.is_splits,
+    )
+
+    height, width, channels = config.model.latent_shape(config.data.image_size)
+    metrics = {
+        "method": config.model.method,
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "image_size": config.data.image_size,
+        "feature_map": f"{height}×{width}×{channels}",
+        **result.metrics,
+    }
+    metrics["whole_validation_set"] = metrics["num_images"] == len(val_set)
+    metrics["markdown"] = table1_markdown(metrics)
+    output_dir = args.output_dir or args.run_dir / "eval"
+    if accelerator.is_main_process:
+        name = checkpoint.name
+        atomic_write_json(output_dir / f"{name}.json", metrics)
+        atomic_write_text(output_dir / f"{name}.md", metrics["markdown"])
+        plot_code_histogram(result.counts, output_dir / f"{name}_code_histogram.png", title=config.model.method)
+        print(metrics["markdown"], end="")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
