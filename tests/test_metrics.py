@@ -28,7 +28,15 @@ import torch.distributed as dist
 
 from simplexvq import CodebookUsageMeter
 
-STAT_KEYS = ("usage", "per_sample_usage", "perplexity", "individual_perplexity", "dead_codes", "num_positions")
+STAT_KEYS = (
+    "usage",
+    "per_sample_usage",
+    "perplexity",
+    "individual_perplexity",
+    "dead_codes",
+    "num_positions",
+    "counts",
+)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER = REPO_ROOT / "tests" / "distributed" / "usage_meter_worker.py"
 
@@ -91,6 +99,7 @@ def naive_stats(batches: list[Batch], groups: int, codebook_size: int) -> dict[s
         "individual_perplexity": as_double(individual_perplexity),
         "dead_codes": torch.tensor(dead_codes, dtype=torch.int64),
         "num_positions": as_double(num_positions),
+        "counts": as_double(counts),
     }
 
 

@@ -58,8 +58,9 @@ def shard_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
-def _to_json(stats: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    return {key: [float(v) for v in value.cpu().reshape(-1).tolist()] for key, value in stats.items()}
+def _to_json(stats: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Nested lists of floats, keeping each statistic's shape ((G,) or (G, M) for ``counts``)."""
+    return {key: value.cpu().double().tolist() for key, value in stats.items()}
 
 
 def main() -> None:
