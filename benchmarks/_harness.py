@@ -154,7 +154,9 @@ def run_case(case: dict) -> dict:
     """Measure one case in this process: baseline and peak RSS, median step time (after ``warmup`` steps)."""
     torch.set_num_threads(case.get("threads", 1))
     # One step of a tiny instance first: library and runtime initialisation is not charged to the case.
-    train_step(build_layer({**case, "n": min(case["n"], 64), "m": min(case["m"], 64), "chunk_size": None}))
+    tiny = {"n": min(case["n"], max(64, case.get("k", KNN_K))), "m": min(case["m"], 64)}
+    tiny.update(chunk_size=None, vertex_subsample=None)
+    train_step(build_layer({**case, **tiny}))
     layer = build_layer(case)
     setup_peak = peak_rss_mib()
     baseline = reset_peak_rss()  # RSS with the layer and its input built; the step's peak is measured from here

@@ -4,7 +4,9 @@ For each size, four layers are timed side by side in one process, round-robin (s
 hits them alike): ``softmax-none`` and ``softmax-knn_ce``, dense and memory-efficient. The *floor* is the time of
 the six matrix products no implementation can avoid (forward ``z Q^T`` and ``P Q``; backward ``dO Q^T``, ``P^T dO``,
 ``dL Q`` and ``dL^T z``), timed in the same round-robin; the ratio layer / floor says how much of the layer is
-anything else (softmax, top-K, statistics, memory traffic). Median CPU seconds over the repeats (1 thread).
+anything else (softmax, top-K, statistics, memory traffic). Also timed: the smoothed output alone through
+``scaled_dot_product_attention`` (``soft_quantize``, PyTorch's fused flash kernel on CPU). Median CPU seconds over
+the repeats (1 thread).
 
     .venv/bin/python benchmarks/bench_overhead.py
 """
@@ -18,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 from _harness import build_layer, environment, save, table, train_step
+
+from simplexvq.efficient import soft_quantize
 
 SIZES = ((16384, 1024, 64), (16384, 1024, 256), (16384, 8196, 64), (65536, 1024, 128))
 LAYERS = ("softmax-none", "softmax-knn_ce", "softmax-none-efficient", "softmax-knn_ce-efficient")
@@ -48,6 +52,20 @@ def matmul_floor(n: int, m: int, d: int) -> Callable[[], None]:
     return run
 
 
+def sdpa_output(n: int, m: int, d: int) -> Callable[[], None]:
+    """Forward+backward of the smoothed output alone through ``scaled_dot_product_attention``
+    (:func:`simplexvq.efficient.soft_quantize`): no statistics, no regularizer."""
+    z = torch.randn(n, 1, d, requires_grad=True)
+    codebook = (torch.randn(1, m, d) * d**-0.5).requires_grad_(True)
+    temperature = torch.full((1,), 0.1, requires_grad=True)
+    upstream = torch.randn(n, 1, d)
+
+    def run() -> None:
+        (soft_quantize(z, codebook, temperature) * upstream).sum().backward()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -61,6 +79,7 @@ def main() -> None:
         floor = matmul_floor(n, m, d)
         runners = {name: (lambda layer=layer: train_step(layer)) for name, layer in layers.items()}
         runners["matmul floor"] = floor
+        runners["sdpa output only"] = sdpa_output(n, m, d)
         for run in runners.values():  # warm-up
             run()
         cpu = {name: [] for name in runners}
@@ -102,6 +121,7 @@ def main() -> None:
                 f"{med['softmax-none-efficient']:.2f} ({med['softmax-none-efficient'] / floor:.1f}x)",
                 f"{med['softmax-knn_ce-efficient']:.2f} ({med['softmax-knn_ce-efficient'] / floor:.1f}x)",
                 f"{100 * r['knn_overhead_efficient']:+.0f}%",
+                f"{med['sdpa output only']:.2f} ({med['sdpa output only'] / floor:.1f}x)",
             ]
         )
     markdown = (
@@ -119,6 +139,7 @@ def main() -> None:
                 "efficient softmax-none",
                 "efficient softmax-knn_ce",
                 "KNN overhead (efficient)",
+                "SDPA output only",
             ],
             rows,
         )
