@@ -204,10 +204,10 @@ def _chunk_deviation(
 ) -> Tensor:
     """Deviations (c, G * S) of a chunk; ``p = shifted * inverse``."""
     if spec.distance == "ce":  # -log p_m = lse - l_m
-        picked = logits if vertices is None else knn._columns(logits, vertices)
+        picked = logits if vertices is None else knn.vertex_columns(logits, vertices)
         out = lse.unsqueeze(-1) - picked
     else:  # 1 - 2 p_m + |p|^2
-        picked = shifted if vertices is None else knn._columns(shifted, vertices)
+        picked = shifted if vertices is None else knn.vertex_columns(shifted, vertices)
         squared_norm = torch.einsum("cgm,cgm->cg", shifted, shifted) * inverse.square()
         out = (1.0 + squared_norm).unsqueeze(-1) - (2.0 * inverse).unsqueeze(-1) * picked
     return out.reshape(out.shape[0], -1)

@@ -40,14 +40,20 @@ __all__ = [
     "KnnScope",
     "RunningTopK",
     "World",
+    "check_chunk_size",
     "check_k",
+    "check_k_fits",
     "check_vertices",
+    "default_chunk_size",
     "deviation",
     "global_row_count",
     "knn_loss_scaled",
     "select_among_gathered",
     "select_global",
+    "selected_entries",
     "streamed_topk",
+    "vertex_columns",
+    "with_scaled_gradient",
     "world_of",
 ]
 
@@ -120,15 +126,15 @@ def deviation(log_probs: Tensor, distance: KnnDistance, vertices: Tensor | None 
     ``"ce"``: ``-log p_m``; ``"l2"``: ``|e_m - p|^2 = 1 - 2 p_m + |p|^2``. ``vertices`` (G, S) keeps those columns.
     """
     if distance == "ce":
-        picked = log_probs if vertices is None else _columns(log_probs, vertices)
+        picked = log_probs if vertices is None else vertex_columns(log_probs, vertices)
         return -picked
     probs = log_probs.exp()
     squared_norm = probs.pow(2).sum(dim=-1, keepdim=True)
-    picked = probs if vertices is None else _columns(probs, vertices)
+    picked = probs if vertices is None else vertex_columns(probs, vertices)
     return 1.0 - 2.0 * picked + squared_norm
 
 
-def _columns(x: Tensor, vertices: Tensor) -> Tensor:
+def vertex_columns(x: Tensor, vertices: Tensor) -> Tensor:
     """``x[n, g, vertices[g, s]]``: (N, G, M) -> (N, G, S)."""
     return x.gather(-1, vertices.unsqueeze(0).expand(x.shape[0], -1, -1))
 
