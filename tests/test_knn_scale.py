@@ -96,6 +96,27 @@ def test_running_topk_equals_full_topk(chunk, order):
             assert torch.equal(rows, expected.indices.sort(dim=0).values)
 
 
+@pytest.mark.parametrize("columns", [1, 5, 8, 13, 64])
+def test_candidate_extraction_equals_nonzero_of_the_comparison(columns):
+    """The packed (8 entries per int64 word) candidate scan equals ``(chunk < threshold).nonzero()`` in row-major
+    order, for column counts that are and are not multiples of 8, chunks of changing size (the reused buffer
+    grows and shrinks), no candidates, every entry a candidate, and ties with the threshold (not candidates)."""
+    generator = _gen(7)
+    state = RunningTopK.empty(3, columns, dtype=DT, device=torch.device("cpu"))
+    for trial, rows in enumerate([5, 1, 17, 40, 3, 64, 2]):
+        state.values = torch.randn(3, columns, generator=generator, dtype=DT)
+        chunk = torch.randn(rows, columns, generator=generator, dtype=DT)
+        if trial == 2:
+            chunk = chunk.abs() + 10.0  # none below
+        elif trial == 3:
+            chunk = -chunk.abs() - 10.0  # all below
+        elif trial == 4:
+            chunk = state.values.amax(dim=0).expand(rows, -1).clone()  # equal is not below
+        row, column = state._candidates(chunk)
+        expected_row, expected_column = (chunk < state.values.amax(dim=0)).nonzero(as_tuple=True)
+        assert torch.equal(row, expected_row) and torch.equal(column, expected_column), trial
+
+
 @pytest.mark.parametrize("shape", [(9, 4), (8, 2, 5), (13, 3, 3)])
 @pytest.mark.parametrize("distance", ["ce", "l2"])
 @pytest.mark.parametrize("chunk_size", [1, 4, 100])

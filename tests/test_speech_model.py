@@ -253,5 +253,8 @@ def test_quantizer_section_passes_only_set_fields():
     kwargs = section.build_kwargs()
     assert kwargs["gumbel_temperature"] == {"start": 2.0, "end": 0.5, "decay": 0.999995}
     assert kwargs["regularizer_weight"] == 0.1
+    section.vertex_subsample, section.chunk_size, section.memory_efficient = 128, 256, True
+    kwargs = section.build_kwargs()
+    assert (kwargs["vertex_subsample"], kwargs["chunk_size"], kwargs["memory_efficient"]) == (128, 256, True)
     with pytest.raises(KeyError, match="Did you mean"):
         build_model(micro_config(name="softmax-knn-ce"))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from simplexvq_recipes.vision.config import DataConfig
 from simplexvq_recipes.vision.data import build_dataset, build_loader
-from simplexvq_recipes.vision.photos import OPENCV_DOC_DIR, PhotoTiles
+from simplexvq_recipes.vision.photos import OPENCV_DOC_DIR, PhotoTiles, tile_photo
 from simplexvq_vision import ImageFolderDataset, Normalizer, UnreadableImageError, center_crop_transform
 
 
@@ -28,6 +28,12 @@ def test_photo_tiles_are_real_and_split_by_source_photo(photos):
     assert 0.0 <= float(train.tiles.min()) and float(train.tiles.max()) <= 1.0
     assert float(train.tiles.std()) > 0.1  # photographs, not flat colour
     assert torch.equal(train[3], train.tiles[3])
+
+
+def test_a_photo_smaller_than_one_tile_contributes_no_tiles():
+    tiles = tile_photo(torch.rand(40, 100, 3).numpy(), size=64, scale=1.0)
+    assert tiles.shape == (0, 3, 64, 64)
+    assert tile_photo(torch.rand(130, 100, 3).numpy(), size=64, scale=1.0).shape == (2, 3, 64, 64)
 
 
 @pytest.mark.skipif(not OPENCV_DOC_DIR.is_dir(), reason="optional: apt-get install -y opencv-doc")

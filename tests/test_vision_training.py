@@ -89,6 +89,7 @@ def test_short_cpu_training_lowers_error_and_uses_every_code_with_knn_ce(trained
     assert final_metrics["num_images"] == len(PhotoTiles("val", 16, scales=[0.25]))  # the whole validation set
     for name in ("reconstructions.png", "code_histogram.png", "code_usage.png", "config.yaml"):
         assert (trained_run / name).stat().st_size > 0, name
+    assert json.loads((trained_run / "history.json").read_text()) == history
     assert list((trained_run / "tensorboard").rglob("events.out.tfevents.*"))
 
 

@@ -202,10 +202,15 @@ def _exp_shifted(logits: Tensor, top: Tensor | None = None) -> tuple[Tensor, Ten
 def _chunk_deviation(
     spec: _Spec, logits: Tensor, shifted: Tensor, inverse: Tensor, lse: Tensor, vertices: Tensor | None
 ) -> Tensor:
-    """Deviations (c, G * S) of a chunk; ``p = shifted * inverse``."""
+    """Deviations (c, G * S) of a chunk; ``p = shifted * inverse``.
+
+    For CE over every vertex the deviations overwrite ``logits`` (the caller no longer needs them): no new
+    (c, G, M) buffer, whose first touch costs about as much as the subtraction itself."""
     if spec.distance == "ce":  # -log p_m = lse - l_m
-        picked = logits if vertices is None else knn.vertex_columns(logits, vertices)
-        out = lse.unsqueeze(-1) - picked
+        if vertices is None:
+            out = torch.sub(lse.unsqueeze(-1), logits, out=logits)
+        else:
+            out = lse.unsqueeze(-1) - knn.vertex_columns(logits, vertices)
     else:  # 1 - 2 p_m + |p|^2
         picked = shifted if vertices is None else knn.vertex_columns(shifted, vertices)
         squared_norm = torch.einsum("cgm,cgm->cg", shifted, shifted) * inverse.square()

@@ -45,6 +45,11 @@ class QuantizerSection:
     knn_scope: str | None = None
     """``local`` (per process, the paper) or ``global`` (neighbours searched across ranks)."""
     memory_efficient: bool | None = None
+    """Stream the softmax quantizer and its KNN search in chunks, never holding the (N, M) probabilities."""
+    chunk_size: int | None = None
+    """Rows per chunk of the memory-efficient path (library default when unset)."""
+    vertex_subsample: int | None = None
+    """Regularize a random subset of this many vertices per step and group (the paper's section 5.3 workaround)."""
 
     def build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`simplexvq.build_quantizer` (unset fields are left to the library)."""
@@ -62,6 +67,8 @@ class QuantizerSection:
             "learnable_temperature",
             "knn_scope",
             "memory_efficient",
+            "chunk_size",
+            "vertex_subsample",
         ):
             value = getattr(self, name)
             if value is not None:

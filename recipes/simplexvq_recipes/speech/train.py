@@ -7,8 +7,8 @@ The same command runs on one CPU, one or many GPUs and several nodes (Accelerate
 simplexvq_recipes.speech.train`` runs several CPU processes (gloo) where there is no GPU. Packaged presets:
 ``--preset base`` (1 x 1024), ``base_2x320`` and ``tiny``. The run folder (``training.output_dir``) receives
 ``config.yaml``, ``checkpoints/step_*`` (atomic, exact resume), ``tensorboard/``, ``code_usage.png``,
-``code_usage_train.png``, ``code_histogram.png`` and ``results.json``; re-running the same command resumes from
-the newest checkpoint.
+``code_usage_train.png``, ``code_histogram.png``, ``results.json`` and ``history.json`` (every logged metric);
+re-running the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from simplexvq_recipes.training.schedule import warmup_cosine_scheduler
 from simplexvq_recipes.training.tracking import MetricHistory
 
 RESULTS_FILE = "results.json"
+HISTORY_FILE = "history.json"  # every logged metric row (train/..., val/...), for plots and studies
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
@@ -259,6 +260,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     results = _results(config, final_metrics, step, time.perf_counter() - started)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / RESULTS_FILE, results)
+        atomic_write_json(run_dir / HISTORY_FILE, history.rows)
         plot_code_histogram(final_metrics["counts"], run_dir / "code_histogram.png", title="validation codes")
     accelerator.end_training()
     return results

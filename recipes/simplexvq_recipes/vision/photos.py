@@ -85,6 +85,8 @@ def tile_photo(image: np.ndarray, size: int, scale: float) -> Tensor:
     if scale != 1.0:
         height, width = (max(1, round(d * scale)) for d in tensor.shape[-2:])
         tensor = F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    if min(tensor.shape[-2:]) < size:  # a photo smaller than one tile (at this scale) contributes none
+        return tensor.new_zeros(0, 3, size, size)
     tiles = tensor[0].unfold(1, size, size).unfold(2, size, size)  # (3, h, w, size, size)
     return tiles.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size).clamp(0, 1).contiguous()
 

@@ -6,7 +6,8 @@
 
 Writes under ``output_dir``: ``config.yaml``, ``checkpoints/step_XXXXXXXX`` (atomic, exact resume: re-running
 the same command continues from the latest), ``tensorboard/``, ``reconstructions.png`` (originals next to
-reconstructions), ``code_histogram.png``, ``code_usage.png`` and ``final_metrics.json``.
+reconstructions), ``code_histogram.png``, ``code_usage.png``, ``final_metrics.json`` and ``history.json``
+(every logged metric).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     final = {"step": step, "method": config.model.method, **final}
     if accelerator.is_main_process:
         atomic_write_json(output_dir / "final_metrics.json", final)
+        atomic_write_json(output_dir / "history.json", history.rows)
         accelerator.print(
             f"step {step}: code usage {final['usage']:.1%}, per-image usage {final['per_image_usage']:.1%}, "
             f"rMSE {final['rmse']:.4f}, PSNR {final['psnr']:.2f} dB on {final['num_images']} validation images"

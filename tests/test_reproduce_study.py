@@ -1,0 +1,146 @@
+"""The reproduction-study driver (benchmarks/reproduce.py): its grid, that every run's settings are valid recipe
+configurations, and the tables and plots it writes from finished runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+import simplexvq
+from simplexvq_recipes.speech.config import PretrainConfig, preset_path
+from simplexvq_recipes.training.config import load_config
+from simplexvq_recipes.vision.config import VisionRecipeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def settings(study, tmp_path):
+    return study.Settings(corpus=tmp_path / "corpus", out=tmp_path / "runs")
+
+
+def test_tables_hold_every_row_of_the_papers_tables_and_simvq_on_both_codebook_settings(study, settings):
+    # Tables 1 and 2: STE and RE x {Euclid, Cosine} (4 rows) + {H-Gmb, S-Gmb, Softmax} x {PPL, KNN-L2, KNN-CE} (9)
+    assert len(study.TABLE_METHODS) == 4 + 9 + 1 and set(study.TABLE_METHODS) <= set(simplexvq.available_quantizers())
+    speech = study.study_runs("speech", settings)
+    assert {(run.label["method"], run.label["codebooks"]) for run in speech} == {
+        (method, codebooks) for method in study.TABLE_METHODS for codebooks in ("1x1024", "2x320")
+    }
+    vision = study.study_runs("vision", settings)
+    assert [run.label["method"] for run in vision] == list(study.TABLE_METHODS)
+
+
+def _speech_config(run, settings) -> PretrainConfig:
+    overrides = [arg for arg in run.overrides]
+    return load_config(PretrainConfig, preset_path("tiny"), overrides)
+
+
+def test_every_speech_run_is_a_valid_recipe_configuration_with_the_intended_setting(study, settings):
+    runs = {name: study.study_runs(name, settings) for name in study.STUDIES if name != "vision"}
+    for study_runs in runs.values():
+        for run in study_runs:
+            config = _speech_config(run, settings)
+            quantizer = config.model.quantizer
+            assert quantizer.name == run.label["method"]
+            simplexvq.build_quantizer(quantizer.name, **quantizer.build_kwargs())  # the library accepts it
+            if "K" in run.label:
+                assert quantizer.knn_k == run.label["K"]
+            if "batch" in run.label:
+                assert config.data.batch_size == run.label["batch"]
+            if "M" in run.label:
+                assert quantizer.codebook_size == run.label["M"]
+            if "scope" in run.label:
+                assert run.processes == 2 and quantizer.knn_scope == run.label["scope"]
+            if "vertices per step" in run.label and run.label["vertices per step"] < quantizer.codebook_size:
+                assert quantizer.vertex_subsample == run.label["vertices per step"]
+            if "tau" in run.label and run.label["tau"] != 1.0:
+                assert quantizer.gumbel_temperature == [run.label["tau"], run.label["tau"], 1.0]
+    # the 1 x 1024 table setting holds N > K M masked frames: 24 crops of 4 s at 50 Hz, ~49% masked
+    table = _speech_config(study.speech_run(settings, "softmax-knn_ce"), settings)
+    frames = table.data.batch_size * table.data.crop_samples / 320
+    masked = frames * (1 - (1 - table.model.mask_prob) ** table.model.mask_length)
+    assert masked > table.model.quantizer.knn_k * table.model.quantizer.codebook_size
+    # identical settings share one run folder across studies, different settings never do
+    every = [run for study_runs in runs.values() for run in study_runs]
+    by_key = {}
+    for run in every:
+        assert by_key.setdefault(run.key, run.overrides) == run.overrides, run.key
+
+
+def test_every_vision_run_is_a_valid_recipe_configuration(study, settings):
+    for run in study.study_runs("vision", settings):
+        config = load_config(VisionRecipeConfig, study.VISION_CONFIG, list(run.overrides))
+        config.validate()
+        assert config.model.method == run.label["method"]
+        assert config.model.latent_shape(config.data.image_size) == (8, 8, 32) and config.model.codebook_size == 1024
+        assert config.data.batch_size * 8 * 8 == config.model.knn_k * config.model.codebook_size  # N = K M
+
+
+def test_commands_use_the_recipes_and_torchrun_for_two_process_runs(study, settings):
+    single = study.speech_run(settings, "ste-cosine")
+    command = study.command(single, settings)
+    assert command[1:3] == ["-m", "simplexvq_recipes.speech.train"]
+    assert f"training.output_dir={settings.out / single.key}" in command
+    scoped = study.study_runs("scope", settings)[-1]
+    command = study.command(scoped, settings)
+    assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in command
+    vision = study.command(study.vision_run(settings, "simvq"), settings)
+    assert vision[1:5] == ["-m", "simplexvq_recipes.vision.train", "--config", str(study.VISION_CONFIG)]
+
+
+def _fake_speech_outcome(usage: list[float], curve: list[float]) -> dict:
+    history = [{"step": 10.0 * (i + 1), "train/usage": u} for i, u in enumerate(curve)]
+    history.append({"step": 20.0, "train/individual_perplexity": 3.5})
+    results = {
+        "val_usage": usage,
+        "val_perplexity": [10.0] * len(usage),
+        "val_dead_codes": [3.0] * len(usage),
+        "val_contrastive": 2.5,
+        "val_accuracy": 0.25,
+        "codebook_size": 1024,
+        "val_frames": [1000.0] * len(usage),
+        "step": 20,
+    }
+    return {"results": results, "history": history, "wall_seconds": 90.0}
+
+
+def test_study_tables_json_and_plot_from_finished_runs(study, settings, tmp_path):
+    runs = study.study_runs("k", settings)[:2]
+    outcomes = {runs[0].key: _fake_speech_outcome([0.5], [0.9, 0.6]), runs[1].key: _fake_speech_outcome([1.0], [1.0])}
+    results = tmp_path / "results"
+    table = study.write_study("k", runs, outcomes, settings, results)
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| method | codebooks | K | code use (val) |") and len(lines) == 4
+    assert "| softmax-knn_ce | 1x1024 | 1 | 50.0% |" in lines[2] and "| 3.50 |" in lines[2]
+    assert "| 1.5 |" in lines[2]  # minutes
+    payload = json.loads((results / "k.json").read_text())
+    assert [row["K"] for row in payload["rows"]] == [1, 2] and len(payload["commands"]) == 2
+    assert payload["rows"][0]["train_individual_perplexity"] == [3.5]
+    assert (results / "k.png").read_bytes()[:4] == b"\x89PNG"
+    assert (results / "k.md").read_text().endswith(table)
+    # a failed run is left out of the table instead of stopping the report
+    partial = study.write_study("k", runs, {runs[1].key: outcomes[runs[1].key]}, settings, results)
+    assert len(partial.strip().splitlines()) == 3
+
+
+def test_a_hard_method_reports_individual_perplexity_one(study, settings):
+    run = study.speech_run(settings, "ste-euclid")
+    outcome = _fake_speech_outcome([0.25], [0.5])
+    outcome["history"] = [row for row in outcome["history"] if "train/individual_perplexity" not in row]
+    row = study.speech_row(run, outcome)
+    assert row["train_individual_perplexity"] == [1.0]  # one-hot assignments
+    assert math.isclose(row["val_code_use"][0], 0.25)
