@@ -425,28 +425,49 @@ def markdown_table(rows: Sequence[dict[str, Any]], recipe: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _line_style(method: str) -> str:
+    """Dashed for hard assignment (STE, rotation, SimVQ), dotted for the perplexity regularizer, solid for KNN."""
+    if method.startswith(("ste-", "rotation-")) or method == "simvq":
+        return "--"
+    return ":" if method.endswith("-perplexity") else "-"
+
+
 def plot_study(study: str, runs: Sequence[Run], outcomes: dict[str, dict[str, Any]], rows, path: Path) -> None:
-    """Code use over training (one line per run) and the final validation code use (bars).
+    """Code use over training (one line per run; one panel per codebook setting when there are several) and the
+    final validation code use (bars).
 
     Speech: code use of the training batches over each 10-step logging interval; vision: validation code use."""
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    panels = list(dict.fromkeys(run.label.get("codebooks", "") for run in runs)) if study == "speech" else [""]
+    fig, axes = plt.subplots(
+        1, len(panels) + 1, figsize=(6 * len(panels) + 5, 5), gridspec_kw={"width_ratios": [3] * len(panels) + [2]}
+    )
+    curves_by_panel = dict(zip(panels, axes[:-1], strict=True))
+    bars = axes[-1]
     if runs[0].recipe == "speech":
         key, what = "train/usage", "training code use per 10 steps"
     else:
         key, what = "val/usage", "validation code use"
+    colors = plt.get_cmap("tab20").colors
     names = []
-    for run in runs:
+    for index, run in enumerate(runs):
         name = ", ".join(f"{value}" for _, value in run.labels)
         names.append(name)
+        panel = run.label.get("codebooks", "") if study == "speech" else ""
         steps, usage = usage_curve(outcomes[run.key]["history"], key)
-        curves.plot(steps, [100 * u for u in usage], marker="o", markersize=2, label=name)
-    curves.set(xlabel="training step", ylabel=f"{what} (%)", ylim=(0, 102), title=f"study: {study}")
-    curves.legend(fontsize=6, ncol=2, loc="lower left")
+        style = _line_style(run.label["method"])
+        color = colors[(index % (len(runs) // len(panels) or 1)) % len(colors)]
+        curves_by_panel[panel].plot(
+            steps, [100 * u for u in usage], style, marker="o", markersize=2, color=color, label=name
+        )
+    for panel, curves in curves_by_panel.items():
+        title = f"study: {study}" + (f" ({panel})" if panel else "")
+        curves.set(xlabel="training step", ylabel=f"{what} (%)", ylim=(0, 102), title=title)
+        curves.legend(fontsize=6, ncol=2, loc="lower left")
     finals = [100 * sum(row["val_code_use"]) / len(row["val_code_use"]) for row in rows]
     bars.barh(range(len(rows)), finals, color="tab:blue")
     bars.set_yticks(range(len(rows)), names, fontsize=6)
     bars.invert_yaxis()
-    bars.set(xlabel="final validation code use (%)", xlim=(0, 100))
+    bars.set(xlabel="final validation code use (%, mean over codebooks)", xlim=(0, 100))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
