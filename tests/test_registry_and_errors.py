@@ -129,6 +129,21 @@ def test_build_quantizer_from_config_and_with_overrides():
         build_quantizer(config, groups=3)
 
 
+def test_overriding_the_method_derives_its_defaults_again_but_keeps_explicit_values():
+    softmax = QuantizerConfig(dim=DIM, codebook_size=CODEBOOK_SIZE, method="softmax")
+    assert (softmax.distance, softmax.commitment_weight, softmax.init_temperature) == ("cosine", 1.0, 0.1)
+    simvq = build_quantizer(softmax, method="simvq", regularizer="none").config
+    assert (simvq.distance, simvq.commitment_weight, simvq.init_temperature) == ("euclid", 0.25, 1.0)
+    assert simvq == QuantizerConfig(dim=DIM, codebook_size=CODEBOOK_SIZE, method="simvq", regularizer="none")
+    # values the caller set are kept, and a derived value follows an explicit change of what it derives from
+    explicit = QuantizerConfig(dim=DIM, codebook_size=CODEBOOK_SIZE, distance="cosine", commitment_weight=2.0)
+    kept = explicit.replace(method="simvq", regularizer="none")
+    assert (kept.distance, kept.commitment_weight, kept.init_temperature) == ("cosine", 2.0, 0.1)
+    assert softmax.replace(distance="euclid").init_temperature == 1.0
+    assert softmax.replace(init_temperature=0.5).replace(distance="euclid").init_temperature == 0.5
+    assert dataclasses.asdict(softmax) == dataclasses.asdict(dataclasses.replace(softmax))  # no hidden field
+
+
 def test_build_quantizer_rejects_other_specs():
     with pytest.raises(TypeError, match="expects a method name or a QuantizerConfig, got dict"):
         build_quantizer({"dim": DIM})

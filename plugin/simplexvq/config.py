@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Method = Literal["softmax", "soft_gumbel", "hard_gumbel", "ste", "rotation", "simvq"]
 Regularizer = Literal["knn_ce", "knn_l2", "perplexity", "none"]
@@ -90,13 +90,25 @@ class QuantizerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.gumbel_temperature, dict):
             self.gumbel_temperature = GumbelTemperature(**self.gumbel_temperature)
+        derived = set()
         if self.distance is None:
             self.distance = "euclid" if self.method == "simvq" else "cosine"
+            derived.add("distance")
         if self.commitment_weight is None:
             self.commitment_weight = 0.25 if self.method == "simvq" else 1.0
+            derived.add("commitment_weight")
         if self.init_temperature is None:
             self.init_temperature = 0.1 if self.distance == "cosine" else 1.0
+            derived.add("init_temperature")
+        self._derived = frozenset(derived)  # a plain attribute, not a field: asdict() and equality ignore it
         self.validate()
+
+    def replace(self, **changes: Any) -> QuantizerConfig:
+        """A copy with ``changes`` applied. Fields this config left to their defaults (``distance``,
+        ``commitment_weight``, ``init_temperature``: derived from ``method`` and ``distance``) are derived again
+        for the new values, so ``config.replace(method="simvq")`` gets SimVQ's defaults, not the old method's."""
+        unset = {name: None for name in self._derived if name not in changes}
+        return dataclasses.replace(self, **unset, **changes)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field and how to fix it."""

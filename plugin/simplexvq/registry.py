@@ -8,7 +8,6 @@ hard ones (``ste-euclid``, ``rotation-cosine``, ...) and ``simvq``.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -54,9 +53,10 @@ def quantizer_config(name: str, **overrides: Any) -> QuantizerConfig:
 
 
 def build_quantizer(spec: str | QuantizerConfig, **overrides: Any) -> nn.Module:
-    """Build a quantizer from a registered name or a :class:`QuantizerConfig` (``overrides`` replace fields)."""
+    """Build a quantizer from a registered name or a :class:`QuantizerConfig` (``overrides`` replace fields; defaults
+    the config derived from its method are derived again, see :meth:`QuantizerConfig.replace`)."""
     if isinstance(spec, QuantizerConfig):
-        return ProductQuantizer(dataclasses.replace(spec, **overrides) if overrides else spec)
+        return ProductQuantizer(spec.replace(**overrides) if overrides else spec)
     if not isinstance(spec, str):
         raise TypeError(f"build_quantizer expects a method name or a QuantizerConfig, got {type(spec).__name__}")
     if spec not in _REGISTRY:
