@@ -298,6 +298,16 @@ def test_knn_with_fewer_unpadded_rows_than_k(regularizer):
     assert math.isfinite(model(torch.randn(5, 8)).loss.item())  # K = N is fine
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_eval_batch_with_fewer_rows_than_k_leaves_the_knn_term_out(memory_efficient):
+    model = _small(method="softmax", regularizer="knn_ce", knn_k=5, memory_efficient=memory_efficient).eval()
+    small = model(torch.randn(4, 8))  # N = 4 < K = 5: no error in eval mode, the term is absent
+    assert "knn_ce" not in small.losses and small.loss.item() == 0.0 and small.indices.shape == (4, 2)
+    assert "knn_ce" in model(torch.randn(5, 8)).losses  # N >= K: computed as usual
+    with pytest.raises(ValueError, match="K must not exceed N"):
+        model.train()(torch.randn(4, 8))  # training still refuses
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Invalid configurations
 # --------------------------------------------------------------------------------------------------------------

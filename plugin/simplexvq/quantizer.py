@@ -153,6 +153,13 @@ class ProductQuantizer(nn.Module):
             dist.broadcast(vertices, src=0)
         return vertices
 
+    def _knn_defined(self, num_rows: int) -> bool:
+        """Whether to compute the KNN regularizer on ``num_rows`` local rows. Training always does (K > N is an
+        error there: a smaller K would change the loss asked for); an eval-mode batch with fewer than K rows, whose
+        loss trains nothing, leaves it out of ``losses`` instead of failing. A global search always runs (every
+        rank must join its collectives; it checks the global row count)."""
+        return self.training or num_rows >= self.config.knn_k or self._global_knn
+
     def _knn(self, log_probs: Tensor) -> Tensor:
         config = self.config
         return VQF.knn_loss(
@@ -188,7 +195,8 @@ class ProductQuantizer(nn.Module):
 
         losses: dict[str, Tensor] = {}
         if config.regularizer in KNN_REGULARIZERS:
-            losses[config.regularizer] = config.regularizer_weight * self._knn(regularized)
+            if self._knn_defined(x.shape[0]):
+                losses[config.regularizer] = config.regularizer_weight * self._knn(regularized)
         elif config.regularizer != "none":
             regularizer = REGULARIZERS[config.regularizer](regularized, config.knn_k)
             losses[config.regularizer] = config.regularizer_weight * regularizer
@@ -208,7 +216,7 @@ class ProductQuantizer(nn.Module):
                 "use a quantizer with memory_efficient=False to inspect them"
             )
         codebook = self.codebook().to(x.dtype)
-        knn_reg = config.regularizer in KNN_REGULARIZERS
+        knn_reg = config.regularizer in KNN_REGULARIZERS and self._knn_defined(x.shape[0])
         soft_output = self.training or config.inference == "soft"
         result = streamed_softmax_quantize(
             x,
