@@ -39,23 +39,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from simplexvq_recipes.patch_demo import TABLE1_METHODS  # noqa: E402
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results" / "study"
 VISION_CONFIG = REPO_DIR / "recipes" / "simplexvq_recipes" / "configs" / "vision" / "photos_8x8x32.yaml"
 
-TABLE_METHODS: tuple[str, ...] = (
-    "ste-euclid",
-    "ste-cosine",
-    "rotation-euclid",
-    "rotation-cosine",
-    *(
-        f"{smoothing}-{regularizer}"
-        for smoothing in ("hard_gumbel", "soft_gumbel", "softmax")
-        for regularizer in ("perplexity", "knn_l2", "knn_ce")
-    ),
-    "simvq",
-)
+TABLE_METHODS: tuple[str, ...] = TABLE1_METHODS
 """The 13 rows of Tables 1 and 2 (4 hard-assignment, 9 smoothed), and SimVQ."""
 
 CODEBOOKS: dict[str, dict[str, int]] = {
