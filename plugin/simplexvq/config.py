@@ -107,7 +107,8 @@ class QuantizerConfig:
         """A copy with ``changes`` applied. Fields this config left to their defaults (``distance``,
         ``commitment_weight``, ``init_temperature``: derived from ``method`` and ``distance``) are derived again
         for the new values, so ``config.replace(method="simvq")`` gets SimVQ's defaults, not the old method's."""
-        unset = {name: None for name in self._derived if name not in changes}
+        derived = getattr(self, "_derived", frozenset())  # configs unpickled from before this attribute existed
+        unset = {name: None for name in derived if name not in changes}
         return dataclasses.replace(self, **unset, **changes)
 
     def validate(self) -> None:
