@@ -15,7 +15,8 @@ over training; final usage). Studies (see :data:`STUDIES`):
 * ``vision``: Table 1 (the same 14 methods), 8x8x32 latent with M = 1024 on 32x32 photo tiles;
 * ``k``, ``batch``, ``codebook``, ``scope``, ``subsample``, ``gumbel``: ablations on the speech 1 x 1024 setting
   (K; N below and above K M; M up to 16384 (65536 with ``--with-64k``) on the memory-efficient path; local vs
-  global neighbours with 2 processes; vertex subsampling; Gumbel temperature).
+  global neighbours with 2 processes; vertex subsampling; Gumbel temperature), and ``long``: perplexity vs KNN-CE
+  with 5x the step budget.
 """
 
 from __future__ import annotations
@@ -99,8 +100,11 @@ def speech_run(
     extra: Sequence[str] = (),
     tag: str = "",
     labels: Iterable[tuple[str, Any]] = (),
+    steps: int | None = None,
 ) -> Run:
-    """A tiny wav2vec 2.0 pretraining run on fillets-ng with ``method`` quantizing into ``codebooks``."""
+    """A tiny wav2vec 2.0 pretraining run on fillets-ng with ``method`` quantizing into ``codebooks``
+    (``steps`` defaults to the study budget ``settings.speech_steps``)."""
+    steps = steps or settings.speech_steps
     size = CODEBOOKS.get(codebooks)
     if size is None:  # "1x4096d64": one codebook of 4096 entries of 64 dimensions
         count, rest = codebooks.split("x")
@@ -115,17 +119,18 @@ def speech_run(
         f"model.quantizer.knn_k={knn_k}",
         f"data.batch_size={batch}",
         "data.crop_samples=64000",
-        f"training.max_steps={settings.speech_steps}",
-        f"optim.warmup_steps={max(1, settings.speech_steps // 10)}",
-        f"training.valid_every={max(1, settings.speech_steps // 2)}",
+        f"training.max_steps={steps}",
+        f"optim.warmup_steps={max(1, steps // 10)}",
+        f"training.valid_every={max(1, steps // 2)}",
         "training.log_every=10",
-        f"training.checkpoint_every={max(1, settings.speech_steps // 2)}",
+        f"training.checkpoint_every={max(1, steps // 2)}",
         "training.threads=1",
         "training.progress_bar=false",
         *extra,
         *settings.extra.get("speech", []),
     )
-    key = f"speech/{method}-{codebooks}-k{knn_k}-b{batch}x{processes}{tag}"
+    budget = "" if steps == settings.speech_steps else f"-{steps}steps"
+    key = f"speech/{method}-{codebooks}-k{knn_k}-b{batch}x{processes}{tag}{budget}"
     return Run(key, "speech", overrides, (("method", method), ("codebooks", codebooks), *labels), processes)
 
 
@@ -198,10 +203,16 @@ def study_runs(study: str, settings: Settings) -> list[Run]:
                 tag = "" if tau == 1.0 else f"-tau{tau:g}"
                 runs.append(speech_run(settings, method, extra=extra, tag=tag, labels=[("tau", tau)]))
         return runs
+    if study == "long":  # does the perplexity loss collapse with 5x the budget? (the paper trains ~30,000x longer)
+        steps = 5 * settings.speech_steps
+        return [
+            speech_run(settings, method, steps=steps, labels=[("steps", steps)])
+            for method in ("softmax-perplexity", "softmax-knn_ce")
+        ]
     raise ValueError(f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
 
 
-STUDIES: tuple[str, ...] = ("speech", "vision", "k", "batch", "codebook", "scope", "subsample", "gumbel")
+STUDIES: tuple[str, ...] = ("speech", "vision", "k", "batch", "codebook", "scope", "subsample", "gumbel", "long")
 
 
 def command(run: Run, settings: Settings) -> list[str]:

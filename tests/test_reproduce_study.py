@@ -67,6 +67,10 @@ def test_every_speech_run_is_a_valid_recipe_configuration_with_the_intended_sett
                 assert run.processes == 2 and quantizer.knn_scope == run.label["scope"]
             if "vertices per step" in run.label and run.label["vertices per step"] < quantizer.codebook_size:
                 assert quantizer.vertex_subsample == run.label["vertices per step"]
+            if "steps" in run.label:
+                assert (
+                    config.training.max_steps == run.label["steps"] and config.training.valid_every < run.label["steps"]
+                )
             if "tau" in run.label and run.label["tau"] != 1.0:
                 assert quantizer.gumbel_temperature == [run.label["tau"], run.label["tau"], 1.0]
     # the 1 x 1024 table setting holds N > K M masked frames: 24 crops of 4 s at 50 Hz, ~49% masked
