@@ -118,6 +118,22 @@ def time_steps(layer: Layer, repeats: int) -> tuple[list[float], list[float]]:
     return walls, cpus
 
 
+def round_robin(
+    runners: dict[str, Callable[[], None]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(CPU seconds, wall seconds) per runner over ``repeats`` rounds, each round calling every runner once, so
+    that load on a shared machine hits them alike."""
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            started_wall, started_cpu = time.perf_counter(), time.process_time()
+            run()
+            cpu[name].append(time.process_time() - started_cpu)
+            wall[name].append(time.perf_counter() - started_wall)
+    return cpu, wall
+
+
 def _status_mib(key: str) -> float | None:
     try:
         with open("/proc/self/status") as handle:

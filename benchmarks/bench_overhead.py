@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _harness import build_layer, environment, save, table, train_step
+from _harness import build_layer, environment, round_robin, save, table, train_step
 
 from simplexvq.efficient import soft_quantize
 
@@ -82,14 +81,7 @@ def main() -> None:
         runners["sdpa output only"] = sdpa_output(n, m, d)
         for run in runners.values():  # warm-up
             run()
-        cpu = {name: [] for name in runners}
-        wall = {name: [] for name in runners}
-        for _ in range(args.repeats):
-            for name, run in runners.items():
-                w, c = time.perf_counter(), time.process_time()
-                run()
-                cpu[name].append(time.process_time() - c)
-                wall[name].append(time.perf_counter() - w)
+        cpu, wall = round_robin(runners, args.repeats)
         median = {name: statistics.median(values) for name, values in cpu.items()}
         result = {
             "n": n,

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from _harness import build_layer, environment, fmt_mib, measure_in_subprocess, save, table, train_step
+from _harness import build_layer, environment, fmt_mib, measure_in_subprocess, round_robin, save, table, train_step
 
 SIZES = ((16384, 1024, 64), (16384, 8196, 64))
 LAYERS = (
@@ -50,14 +49,8 @@ def main() -> None:
         for layer in layers.values():  # warm-up (fairseq2 compiles its lookup on the first call)
             train_step(layer)
             train_step(layer)
-        cpu = {name: [] for name in LAYERS}
-        wall = {name: [] for name in LAYERS}
-        for _ in range(args.repeats):
-            for name, layer in layers.items():
-                w, c = time.perf_counter(), time.process_time()
-                train_step(layer)
-                cpu[name].append(time.process_time() - c)
-                wall[name].append(time.perf_counter() - w)
+        runners = {name: (lambda layer=layer: train_step(layer)) for name, layer in layers.items()}
+        cpu, wall = round_robin(runners, args.repeats)
         median = {name: statistics.median(values) for name, values in cpu.items()}
         results.append({"n": n, "m": m, "d": d, "cpu_s": cpu, "wall_s": wall, "median_cpu_s": median, "memory": memory})
         print(n, m, d, median)
