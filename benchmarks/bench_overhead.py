@@ -69,11 +69,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--size", action="append", default=None, metavar="N,M,D", help="measure only these sizes (repeatable)"
+    )
+    parser.add_argument("--name", default="overhead", help="results file name (benchmarks/results/NAME.json|md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     results = []
-    for n, m, d in SIZES:
+    sizes = [tuple(int(v) for v in size.split(",")) for size in args.size] if args.size else SIZES
+    for n, m, d in sizes:
         layers = {name: build_layer({"layer": name, "n": n, "m": m, "d": d}) for name in LAYERS}
         floor = matmul_floor(n, m, d)
         runners = {name: (lambda layer=layer: train_step(layer)) for name, layer in layers.items()}
@@ -136,7 +141,7 @@ def main() -> None:
             rows,
         )
     )
-    save("overhead", {"environment": environment(), "repeats": args.repeats, "results": results}, markdown)
+    save(args.name, {"environment": environment(), "repeats": args.repeats, "results": results}, markdown)
 
 
 if __name__ == "__main__":
