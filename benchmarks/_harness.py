@@ -109,13 +109,8 @@ def train_step(layer: Layer) -> None:
 
 def time_steps(layer: Layer, repeats: int) -> tuple[list[float], list[float]]:
     """Wall-clock and CPU seconds of ``repeats`` forward+backward steps."""
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        train_step(layer)
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return walls, cpus
+    cpu, wall = round_robin({"step": lambda: train_step(layer)}, repeats)
+    return wall["step"], cpu["step"]
 
 
 def round_robin(

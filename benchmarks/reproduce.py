@@ -41,6 +41,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from simplexvq_recipes.patch_demo import TABLE1_METHODS  # noqa: E402
+from simplexvq_recipes.speech.train import RESULTS_FILE  # noqa: E402
+from simplexvq_recipes.training.tracking import HISTORY_FILE  # noqa: E402
+from simplexvq_recipes.vision.train import FINAL_METRICS_FILE  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -228,7 +231,7 @@ def command(run: Run, settings: Settings) -> list[str]:
 
 
 def result_file(run: Run, settings: Settings) -> Path:
-    return settings.out / run.key / ("results.json" if run.recipe == "speech" else "final_metrics.json")
+    return settings.out / run.key / (RESULTS_FILE if run.recipe == "speech" else FINAL_METRICS_FILE)
 
 
 def execute(run: Run, settings: Settings) -> dict[str, Any]:
@@ -244,12 +247,13 @@ def execute(run: Run, settings: Settings) -> dict[str, Any]:
         if code != 0:
             tail = "\n".join((run_dir / "train.log").read_text().splitlines()[-15:])
             raise RuntimeError(f"run {run.key} failed (exit code {code}); log {run_dir / 'train.log'}:\n{tail}")
-        (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-        print(f"finished {run.key} in {time.perf_counter() - started:.0f} s", flush=True)
+        seconds = time.perf_counter() - started
+        (run_dir / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+        print(f"finished {run.key} in {seconds:.0f} s", flush=True)
     wall = run_dir / "wall_seconds.txt"
     return {
         "results": json.loads(done.read_text()),
-        "history": json.loads((run_dir / "history.json").read_text()),
+        "history": json.loads((run_dir / HISTORY_FILE).read_text()),
         "wall_seconds": float(wall.read_text()) if wall.is_file() else math.nan,
     }
 

@@ -38,10 +38,9 @@ from simplexvq_recipes.training.checkpoint import CheckpointManager
 from simplexvq_recipes.training.config import config_to_yaml, load_config
 from simplexvq_recipes.training.plots import plot_code_histogram, plot_code_usage
 from simplexvq_recipes.training.schedule import warmup_cosine_scheduler
-from simplexvq_recipes.training.tracking import MetricHistory
+from simplexvq_recipes.training.tracking import HISTORY_FILE, MetricHistory
 
 RESULTS_FILE = "results.json"
-HISTORY_FILE = "history.json"  # every logged metric row (train/..., val/...), for plots and studies
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 

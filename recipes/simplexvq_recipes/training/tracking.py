@@ -8,6 +8,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+HISTORY_FILE = "history.json"
+"""Every recipe writes its :class:`MetricHistory` rows to ``<run folder>/history.json`` at the end of a run."""
+
 
 def to_scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Flatten tensors/numbers to floats: a (G,) tensor ``usage`` becomes ``usage/0``, ``usage/1``, ..."""

@@ -31,11 +31,13 @@ from simplexvq_recipes.training.checkpoint import CheckpointManager
 from simplexvq_recipes.training.config import config_to_yaml, parse_recipe_args
 from simplexvq_recipes.training.plots import plot_code_histogram, plot_code_usage
 from simplexvq_recipes.training.schedule import warmup_cosine_scheduler
-from simplexvq_recipes.training.tracking import MetricHistory
+from simplexvq_recipes.training.tracking import HISTORY_FILE, MetricHistory
 from simplexvq_recipes.vision.config import VisionRecipeConfig
 from simplexvq_recipes.vision.data import build_dataset, build_loader
 from simplexvq_recipes.vision.evaluation import evaluate
 from simplexvq_vision import DiscreteAutoencoder, Normalizer, reconstruction_grid
+
+FINAL_METRICS_FILE = "final_metrics.json"
 
 
 def training_loss(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -172,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         checkpoint()
     final = {"step": step, "method": config.model.method, **final}
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / "final_metrics.json", final)
-        atomic_write_json(output_dir / "history.json", history.rows)
+        atomic_write_json(output_dir / FINAL_METRICS_FILE, final)
+        atomic_write_json(output_dir / HISTORY_FILE, history.rows)
         accelerator.print(
             f"step {step}: code usage {final['usage']:.1%}, per-image usage {final['per_image_usage']:.1%}, "
             f"rMSE {final['rmse']:.4f}, PSNR {final['psnr']:.2f} dB on {final['num_images']} validation images"
