@@ -44,16 +44,15 @@ def test_tables_hold_every_row_of_the_papers_tables_and_simvq_on_both_codebook_s
     assert [run.label["method"] for run in vision] == list(study.TABLE_METHODS)
 
 
-def _speech_config(run, settings) -> PretrainConfig:
-    overrides = [arg for arg in run.overrides]
-    return load_config(PretrainConfig, preset_path("tiny"), overrides)
+def _speech_config(run) -> PretrainConfig:
+    return load_config(PretrainConfig, preset_path("tiny"), list(run.overrides))
 
 
 def test_every_speech_run_is_a_valid_recipe_configuration_with_the_intended_setting(study, settings):
     runs = {name: study.study_runs(name, settings) for name in study.STUDIES if name != "vision"}
     for study_runs in runs.values():
         for run in study_runs:
-            config = _speech_config(run, settings)
+            config = _speech_config(run)
             quantizer = config.model.quantizer
             assert quantizer.name == run.label["method"]
             simplexvq.build_quantizer(quantizer.name, **quantizer.build_kwargs())  # the library accepts it
@@ -74,7 +73,7 @@ def test_every_speech_run_is_a_valid_recipe_configuration_with_the_intended_sett
             if "tau" in run.label and run.label["tau"] != 1.0:
                 assert quantizer.gumbel_temperature == [run.label["tau"], run.label["tau"], 1.0]
     # the 1 x 1024 table setting holds N > K M masked frames: 24 crops of 4 s at 50 Hz, ~49% masked
-    table = _speech_config(study.speech_run(settings, "softmax-knn_ce"), settings)
+    table = _speech_config(study.speech_run(settings, "softmax-knn_ce"))
     frames = table.data.batch_size * table.data.crop_samples / 320
     masked = frames * (1 - (1 - table.model.mask_prob) ** table.model.mask_length)
     assert masked > table.model.quantizer.knn_k * table.model.quantizer.codebook_size

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -155,7 +155,7 @@ class RunningTopK:
     values: Tensor
     rows: Tensor
     rows_seen: int = 0
-    _below: Tensor | None = None  # reused flat bool buffer of :meth:`_candidates`
+    _below: Tensor | None = field(default=None, repr=False, compare=False)  # reused buffer of :meth:`_candidates`
 
     @classmethod
     def empty(cls, k: int, columns: int, *, dtype: torch.dtype, device: torch.device) -> RunningTopK:
