@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 import simplexvq
 from simplexvq import functional as VQF
+from simplexvq.blockmax import BlockMaxima
 from simplexvq.efficient import soft_quantize, streamed_softmax_quantize
 from simplexvq.knn import RunningTopK, select_among_gathered
 
@@ -115,6 +116,57 @@ def test_candidate_extraction_equals_nonzero_of_the_comparison(columns):
         row, column = state._candidates(chunk)
         expected_row, expected_column = (chunk < state.values.amax(dim=0)).nonzero(as_tuple=True)
         assert torch.equal(row, expected_row) and torch.equal(column, expected_column), trial
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (5, 3, 133), (4, 20), (2, 1, 1), (6, 200)])
+@pytest.mark.parametrize("values", ["random", "ties", "late"])
+def test_block_maxima_equal_max_and_first_argmax(shape, values):
+    """Row maxima and the first index of the maximum equal ``torch.max`` / ``torch.argmax`` (which return the first
+    maximal index), with and without a partial last block, with fewer columns than one block and with ties."""
+    generator = _gen(21)
+    if values == "random":
+        x = torch.randn(shape, generator=generator, dtype=DT)
+    else:
+        x = torch.randint(0, 3, shape, generator=generator).to(DT)
+        if values == "late":  # the maximum only in the last column (the partial block when there is one)
+            x[..., -1] = 5.0
+    blocks = BlockMaxima.of(x, width=16)
+    assert torch.equal(blocks.top, x.amax(dim=-1))
+    assert torch.equal(blocks.argmax(), x.argmax(dim=-1))
+    assert blocks.full.shape[-1] == shape[-1] // 16 and (blocks.tail is None) == (shape[-1] % 16 == 0)
+
+
+@pytest.mark.parametrize("size", [64, 133, 20])
+@pytest.mark.parametrize("order", ["random", "ties", "descending"])
+@pytest.mark.parametrize("chunk", [1, 9, 50])
+def test_update_from_scores_equals_update_on_deviations(size, order, chunk):
+    """The block-bound candidate search of ``update_from_scores`` finds exactly the entries of ``update``'s
+    comparison: same K smallest values and rows per column, for blocks with and without a partial last one, ties
+    (integer scores) and an order in which every entry is a candidate."""
+    groups, num_rows, k = 2, 150, 3
+    generator = _gen(22)
+    if order == "ties":
+        scores = torch.randint(0, 5, (groups, num_rows, size), generator=generator).to(DT)
+        offsets = torch.randint(0, 3, (groups, num_rows), generator=generator).to(DT)
+    else:
+        scores = 4.0 * torch.randn(groups, num_rows, size, generator=generator, dtype=DT)
+        offsets = scores.logsumexp(dim=-1)
+    if order == "descending":
+        offsets = offsets + torch.linspace(0.0, -50.0, num_rows, dtype=DT)
+    deviations = (offsets.unsqueeze(-1) - scores).transpose(0, 1).reshape(num_rows, groups * size)
+    reference = RunningTopK.empty(k, groups * size, dtype=DT, device=torch.device("cpu"))
+    state = RunningTopK.empty(k, groups * size, dtype=DT, device=torch.device("cpu"))
+    for start in range(0, num_rows, chunk):
+        part = slice(start, start + chunk)
+        reference.update(deviations[part], start)
+        state.update_from_scores(scores[:, part], offsets[:, part], BlockMaxima.of(scores[:, part], 16), start)
+    assert state.rows_seen == reference.rows_seen == num_rows
+    assert torch.equal(
+        state.values.sort(dim=0).values, deviations.topk(k, dim=0, largest=False).values.sort(dim=0).values
+    )
+    assert torch.equal(deviations.gather(0, state.rows), state.values)
+    if order != "ties":
+        assert torch.equal(state.rows.sort(dim=0).values, reference.rows.sort(dim=0).values)
 
 
 @pytest.mark.parametrize("shape", [(9, 4), (8, 2, 5), (13, 3, 3)])
@@ -256,7 +308,8 @@ def test_soft_quantize_attention_equals_dense(distance, shape):
 @pytest.mark.parametrize("distance", ["cosine", "euclid"])
 @pytest.mark.parametrize("knn_distance", ["ce", "l2"])
 @pytest.mark.parametrize(
-    ("shape", "chunk_size", "k"), [((11, 1, 5, 3), 1, 2), ((13, 2, 4, 3), 4, 3), ((6, 3, 7, 2), 64, 6)]
+    ("shape", "chunk_size", "k"),
+    [((11, 1, 5, 3), 1, 2), ((13, 2, 4, 3), 4, 3), ((6, 3, 7, 2), 64, 6), ((300, 2, 133, 4), 32, 3)],
 )
 @pytest.mark.parametrize("subset", [False, True])
 def test_streamed_softmax_quantize_equals_dense(distance, knn_distance, shape, chunk_size, k, subset):

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from simplexvq import functional as VQF
 from simplexvq import knn
+from simplexvq.blockmax import BlockMaxima
 from simplexvq.functional import perplexity
 
 LogitsKind = Literal["cosine", "euclid"]
@@ -191,31 +192,33 @@ def _queries(kind: LogitsKind, z: Tensor, temperature: Tensor) -> Tensor:
     return scaled / temperature[:, None]
 
 
-def _exp_shifted(logits: Tensor, top: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``e = exp(l - max l)`` and its row sums ``s`` (so ``p = e / s``, ``lse = max + log s``) and the row max."""
-    if top is None:
-        top = logits.amax(dim=-1)
-    shifted = (logits - top.unsqueeze(-1)).exp_()
-    return shifted, shifted.sum(dim=-1), top
+class _Workspace:
+    """Two reused (G, chunk, M) buffers: one allocation per call instead of several per chunk (fresh buffers of
+    this size are page-faulted in on every chunk, which costs as much as a pass over them)."""
+
+    def __init__(self, groups: int, rows: int, size: int, like: Tensor) -> None:
+        self.groups, self.size = groups, size
+        self.buffers = [like.new_empty(groups * rows * size) for _ in range(2)]
+
+    def get(self, which: int, rows: int) -> Tensor:
+        return self.buffers[which][: self.groups * rows * self.size].view(self.groups, rows, self.size)
 
 
 def _chunk_deviation(
     spec: _Spec, logits: Tensor, shifted: Tensor, inverse: Tensor, lse: Tensor, vertices: Tensor | None
 ) -> Tensor:
-    """Deviations (c, G * S) of a chunk; ``p = shifted * inverse``.
+    """Deviations (c, G * S) of a chunk from its (G, c, M) logits and ``shifted`` (``p = shifted * inverse``)."""
+    groups, rows, size = logits.shape
 
-    For CE over every vertex the deviations overwrite ``logits`` (the caller no longer needs them): no new
-    (c, G, M) buffer, whose first touch costs about as much as the subtraction itself."""
+    def columns(x: Tensor) -> Tensor:
+        return x if vertices is None else x.gather(-1, vertices.unsqueeze(1).expand(groups, rows, -1))
+
     if spec.distance == "ce":  # -log p_m = lse - l_m
-        if vertices is None:
-            out = torch.sub(lse.unsqueeze(-1), logits, out=logits)
-        else:
-            out = lse.unsqueeze(-1) - knn.vertex_columns(logits, vertices)
+        out = lse.unsqueeze(-1) - columns(logits)
     else:  # 1 - 2 p_m + |p|^2
-        picked = shifted if vertices is None else knn.vertex_columns(shifted, vertices)
-        squared_norm = torch.einsum("cgm,cgm->cg", shifted, shifted) * inverse.square()
-        out = (1.0 + squared_norm).unsqueeze(-1) - (2.0 * inverse).unsqueeze(-1) * picked
-    return out.reshape(out.shape[0], -1)
+        squared_norm = torch.einsum("gcm,gcm->gc", shifted, shifted) * inverse.square()
+        out = (1.0 + squared_norm).unsqueeze(-1) - (2.0 * inverse).unsqueeze(-1) * columns(shifted)
+    return out.transpose(0, 1).reshape(rows, -1)
 
 
 class _StreamedSoftmax(torch.autograd.Function):
@@ -230,8 +233,9 @@ class _StreamedSoftmax(torch.autograd.Function):
         L2     : p * (2 w c_n p + 2 w sum_S p_m - 2 w c_n |p|^2) - 2 w p * 1_S   (D = 1 - 2 p_m + |p|^2)
 
     where ``1_S`` marks the row's selected vertices and ``c_n`` counts them; ``V = Q`` gets ``p^T dO`` besides.
-    Row-constant terms are folded into one (c, G) vector and ``p = e / s`` is never normalised in place, so a
-    chunk costs a few passes over its (c, G, M) buffer besides the matrix products.
+    Row-constant terms are folded into one (G, c) vector and ``p = e / s`` is never normalised in place, so a
+    chunk costs a few passes over its (G, c, M) buffers besides the matrix products. Chunks are laid out
+    group-major, (G, c, M), so that every product is one ``bmm`` into a reused buffer.
     """
 
     @staticmethod
@@ -247,24 +251,33 @@ class _StreamedSoftmax(torch.autograd.Function):
         state = None
         if spec.k is not None:
             state = knn.RunningTopK.empty(spec.k, columns, dtype=z.dtype, device=z.device)
-        keys = _keys(spec.logits, codebook)
+        keys_t = _keys(spec.logits, codebook).transpose(1, 2)  # (G, d', M)
+        workspace = _Workspace(groups, min(spec.chunk_size, num_rows), codebook_size, z)
         for start in range(0, num_rows, spec.chunk_size):
             end = min(start + spec.chunk_size, num_rows)
-            logits = torch.einsum("cgd,gmd->cgm", _queries(spec.logits, z[start:end], temperature), keys)
-            top, indices[start:end] = logits.max(dim=-1)
-            shifted, total, _ = _exp_shifted(logits, top)
+            queries = _queries(spec.logits, z[start:end], temperature).transpose(0, 1)  # (G, c, d')
+            logits = torch.bmm(queries, keys_t, out=workspace.get(0, end - start))  # (G, c, M)
+            blocks = BlockMaxima.of(logits)
+            top = blocks.top
+            indices[start:end] = blocks.argmax().t()
+            shifted = torch.sub(logits, top.unsqueeze(-1), out=workspace.get(1, end - start)).exp_()
+            total = shifted.sum(dim=-1)
             inverse = total.reciprocal()  # = max p
             lse = top + total.log()
-            prob_sum += torch.einsum("cgm,cg->gm", shifted, inverse)
-            entropy = lse - torch.einsum("cgm,cgm->cg", shifted, logits) * inverse  # -sum p log p
-            perplexity_sum += entropy.exp().sum(dim=0)
-            max_prob_sum += inverse.sum(dim=0)
+            prob_sum += torch.bmm(inverse.unsqueeze(1), shifted).squeeze(1)
+            entropy = lse - torch.einsum("gcm,gcm->gc", shifted, logits) * inverse  # -sum p log p
+            perplexity_sum += entropy.exp().sum(dim=1)
+            max_prob_sum += inverse.sum(dim=1)
             if spec.compute_output:
-                output = torch.einsum("cgm,gmd->cgd", shifted, codebook)
-                quantized[start:end] = output * inverse.unsqueeze(-1)
-            if state is not None:
+                output = torch.bmm(shifted, codebook) * inverse.unsqueeze(-1)  # (G, c, d)
+                quantized[start:end] = output.transpose(0, 1)
+            if state is None:
+                continue
+            if spec.distance == "ce" and vertices is None:  # candidates from block maxima, no deviation matrix
+                state.update_from_scores(logits, lse, blocks, start)
+            else:
                 state.update(_chunk_deviation(spec, logits, shifted, inverse, lse, vertices), start)
-            del logits, shifted
+        del workspace
 
         loss = z.new_zeros(())
         rows = selected = None
@@ -296,6 +309,7 @@ class _StreamedSoftmax(torch.autograd.Function):
         if grad_quantized is None and grad_loss is None:
             return None, None, None, None, None
         num_rows, groups, _ = z.shape
+        codebook_size = codebook.shape[1]
         if grad_loss is not None:
             entry_row, entry_group, entry_code = knn.selected_entries(rows, selected, groups, vertices)
             bounds = torch.arange(0, num_rows + spec.chunk_size, spec.chunk_size, device=z.device).clamp_max(num_rows)
@@ -308,9 +322,12 @@ class _StreamedSoftmax(torch.autograd.Function):
         codebook_leaf = codebook.detach().requires_grad_(need_codebook)
         with torch.enable_grad():
             keys_graph = _keys(spec.logits, codebook_leaf)
-        keys = keys_graph.detach().requires_grad_(need_codebook)
+        keys = keys_graph.detach()
+        keys_t = keys.transpose(1, 2)
+        codebook_t = codebook.detach().transpose(1, 2)
         grad_keys = torch.zeros_like(keys) if need_codebook else None
         temperature_leaf = temperature.detach().requires_grad_(need_temperature)
+        workspace = _Workspace(groups, min(spec.chunk_size, num_rows), codebook_size, z)
 
         for chunk, start in enumerate(range(0, num_rows, spec.chunk_size)):
             end = min(start + spec.chunk_size, num_rows)
@@ -320,20 +337,20 @@ class _StreamedSoftmax(torch.autograd.Function):
             z_chunk = z[start:end].detach().requires_grad_(need_z)
             with torch.enable_grad():
                 queries = _queries(spec.logits, z_chunk, temperature_leaf)
-            logits = torch.einsum("cgd,gmd->cgm", queries.detach(), keys.detach())
-            shifted, total, _ = _exp_shifted(logits)
-            del logits
-            inverse = total.reciprocal()
+            chunk_queries = queries.detach().transpose(0, 1)  # (G, c, d')
+            shifted = torch.bmm(chunk_queries, keys_t, out=workspace.get(0, end - start))  # the logits, then:
+            shifted.sub_(shifted.amax(dim=-1, keepdim=True)).exp_()  # e = exp(l - max l)
+            inverse = shifted.sum(dim=-1).reciprocal()  # (G, c)
             # grad_logits = shifted * (inner - row[..., None]), with p = shifted * inverse
             row = torch.zeros_like(inverse)
             if grad_quantized is not None:
-                upstream = grad_quantized[start:end] * inverse.unsqueeze(-1)
-                inner = torch.einsum("cgd,gmd->cgm", upstream, codebook)
-                row += torch.einsum("cgd,cgd->cg", upstream, quantized[start:end])
+                upstream = grad_quantized[start:end].transpose(0, 1) * inverse.unsqueeze(-1)  # (G, c, d)
+                inner = torch.bmm(upstream, codebook_t, out=workspace.get(1, end - start))
+                row += torch.einsum("gcd,gcd->gc", upstream, quantized[start:end].transpose(0, 1))
                 if grad_codebook is not None:
-                    grad_codebook += torch.einsum("cgm,cgd->gmd", shifted, upstream)
+                    grad_codebook += torch.bmm(shifted.transpose(1, 2), upstream)
             else:
-                inner = torch.zeros_like(shifted)
+                inner = workspace.get(1, end - start).zero_()
             if has_entries:
                 span = slice(cuts[chunk], cuts[chunk + 1])
                 sparse = _add_knn_gradient(
@@ -342,16 +359,15 @@ class _StreamedSoftmax(torch.autograd.Function):
                     row,
                     shifted,
                     inverse,
-                    (entry_row[span] - start, entry_group[span], entry_code[span]),
+                    (entry_group[span], entry_row[span] - start, entry_code[span]),
                     weight,
                 )
             inner.sub_(row.unsqueeze(-1)).mul_(shifted)
             if has_entries:
                 inner.index_put_(sparse[0], sparse[1], accumulate=True)
-            grad_queries = torch.einsum("cgm,gmd->cgd", inner, keys.detach())
+            grad_queries = torch.bmm(inner, keys).transpose(0, 1)  # (c, G, d')
             if grad_keys is not None:
-                grad_keys += torch.einsum("cgm,cgd->gmd", inner, queries.detach())
-            del inner, shifted
+                grad_keys += torch.bmm(inner.transpose(1, 2), chunk_queries)
             wanted = [x for x in (z_chunk, temperature_leaf) if x.requires_grad]
             if wanted:
                 grads = iter(torch.autograd.grad(queries, wanted, grad_queries))
@@ -359,6 +375,7 @@ class _StreamedSoftmax(torch.autograd.Function):
                     grad_z[start:end] = next(grads)
                 if grad_temperature is not None:
                     grad_temperature += next(grads)
+        del workspace
         if grad_codebook is not None:
             (grad_from_keys,) = torch.autograd.grad(keys_graph, codebook_leaf, grad_keys)
             grad_codebook += grad_from_keys
@@ -374,19 +391,19 @@ def _add_knn_gradient(
     entries: tuple[Tensor, Tensor, Tensor],
     weight: Tensor,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
-    """Fold the KNN term's gradient w.r.t. a chunk's logits into ``inner`` and ``row`` (in place), where the final
-    gradient is ``shifted * (inner - row)`` plus the returned sparse part ``(indices, values)`` at the selected
-    entries (see :class:`_StreamedSoftmax`; ``p = shifted * inverse``)."""
-    index_row, index_group, index_code = entries
+    """Fold the KNN term's gradient w.r.t. a chunk's (G, c, M) logits into ``inner`` and ``row`` (in place), where
+    the final gradient is ``shifted * (inner - row)`` plus the returned sparse part ``(indices, values)`` at the
+    selected entries ``(group, row, code)`` (see :class:`_StreamedSoftmax`; ``p = shifted * inverse``)."""
+    index_group, index_row, _ = entries
     counts = torch.zeros_like(inverse).index_put_(
-        (index_row, index_group), torch.ones_like(index_row, dtype=inverse.dtype), accumulate=True
+        (index_group, index_row), torch.ones_like(index_row, dtype=inverse.dtype), accumulate=True
     )
     if distance == "ce":  # w (c p - 1_S): c p folds into the row term
         row -= weight * counts * inverse
         return entries, (-weight).expand(index_row.shape)
-    picked = shifted[entries] * inverse[index_row, index_group]
-    selected_mass = torch.zeros_like(inverse).index_put_((index_row, index_group), picked, accumulate=True)
-    squared_norm = torch.einsum("cgm,cgm->cg", shifted, shifted) * inverse.square()
+    picked = shifted[entries] * inverse[index_group, index_row]
+    selected_mass = torch.zeros_like(inverse).index_put_((index_group, index_row), picked, accumulate=True)
+    squared_norm = torch.einsum("gcm,gcm->gc", shifted, shifted) * inverse.square()
     row -= 2.0 * weight * (selected_mass - counts * squared_norm) * inverse
     touched = (counts > 0).nonzero(as_tuple=True)  # 2 w c p * p: only rows with a selection
     inner[touched] += (2.0 * weight * counts * inverse.square())[touched].unsqueeze(-1) * shifted[touched]

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from simplexvq.blockmax import BlockMaxima
+
 KnnScope = Literal["local", "global"]
 KnnDistance = Literal["ce", "l2"]
 SCOPES: tuple[str, ...] = ("local", "global")
@@ -49,6 +51,7 @@ __all__ = [
     "global_row_count",
     "knn_loss_scaled",
     "select_among_gathered",
+    "score_candidates",
     "select_global",
     "selected_entries",
     "streamed_topk",
@@ -193,22 +196,52 @@ class RunningTopK:
             return
         self.rows_seen += num_rows
         row, column = self._candidates(chunk)
-        if row.numel() == 0:
-            return
-        counts = torch.bincount(column, minlength=columns)
-        touched = counts.nonzero().squeeze(1)
         if row.numel() * 4 > chunk.numel():  # dense enough: one top-K over the touched columns
+            touched = torch.bincount(column, minlength=columns).nonzero().squeeze(1)
             self._merge(touched, chunk.index_select(1, touched), self._row_ids(row_offset, num_rows))
             return
-        order = column.argsort(stable=True)  # group the candidates by column, rows ascending
-        row, column = row[order], column[order]
-        position = torch.arange(row.numel(), device=chunk.device) - (counts.cumsum(0) - counts)[column]
+        self.merge_entries(row + row_offset, column, chunk[row, column])
+
+    @torch.no_grad()
+    def update_from_scores(self, scores: Tensor, offsets: Tensor, blocks: BlockMaxima, row_offset: int) -> None:
+        """Merge the deviations ``offsets[g, n] - scores[g, n, m]`` of column ``g M + m`` and row ``row_offset + n``.
+
+        ``scores`` (G, c, M), ``offsets`` (G, c), ``blocks`` the :class:`~simplexvq.blockmax.BlockMaxima` of
+        ``scores``. For cross-entropy (``-log p = lse - logit``) this is :meth:`update` without the (c, G M)
+        deviation matrix and without a full comparison pass: no entry of a block of columns can fall below its
+        threshold unless ``max(scores in the block) + max(thresholds of the block) > offset``, so only the (few)
+        blocks passing that bound are gathered and compared exactly. Same result as :meth:`update` on
+        ``(offsets[..., None] - scores).transpose(0, 1).reshape(c, G M)``.
+        """
+        groups, num_rows, size = scores.shape
+        if num_rows == 0:
+            return
+        scores, offsets = scores.contiguous(), offsets.contiguous()
+        threshold = self.values.amax(dim=0)
+        if self.rows_seen < self.k or not bool(threshold.isfinite().all()):  # not full yet: the dense path
+            deviations = (offsets.unsqueeze(-1) - scores).transpose(0, 1).reshape(num_rows, groups * size)
+            self.update(deviations, row_offset)
+            return
+        self.rows_seen += num_rows
+        self.merge_entries(*score_candidates(scores, offsets, blocks, threshold.view(groups, size), row_offset))
+
+    @torch.no_grad()
+    def merge_entries(self, row: Tensor, column: Tensor, value: Tensor) -> None:
+        """Merge sparse entries: ``value[i]`` is the deviation of row ``row[i]`` (global index) in ``column[i]``."""
+        if row.numel() == 0:
+            return
+        columns = self.values.shape[1]
+        counts = torch.bincount(column, minlength=columns)
+        touched = counts.nonzero().squeeze(1)
+        order = column.argsort(stable=True)  # group the entries by column
+        row, column, value = row[order], column[order], value[order]
+        position = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[column]
         slot = (counts > 0).cumsum(0).sub_(1)[column]
         longest = int(counts.max())
-        values = chunk.new_full((longest, touched.numel()), float("inf"))
-        values[position, slot] = chunk[row, column]
-        rows = torch.full((longest, touched.numel()), -1, dtype=torch.long, device=chunk.device)
-        rows[position, slot] = row + row_offset
+        values = value.new_full((longest, touched.numel()), float("inf"))
+        values[position, slot] = value
+        rows = torch.full((longest, touched.numel()), -1, dtype=torch.long, device=row.device)
+        rows[position, slot] = row
         self._merge(touched, values, rows)
 
     def _candidates(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,6 +284,57 @@ class RunningTopK:
         else:
             self.values[:, columns] = top.values
             self.rows[:, columns] = new_rows
+
+
+@torch.no_grad()
+def score_candidates(
+    scores: Tensor, offsets: Tensor, blocks: BlockMaxima, threshold: Tensor, row_offset: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, column, deviation) of every entry whose deviation ``offsets[g, n] - scores[g, n, m]`` is below
+    ``threshold[g, m]``; column ``g M + m``, row ``row_offset + n``.
+
+    ``scores`` (G, c, M) contiguous, ``offsets`` (G, c), ``threshold`` (G, M), ``blocks`` the block maxima of
+    ``scores``. No entry of a block of columns can pass unless ``max(scores in the block) + max(thresholds of the
+    block) > offset``, so only the blocks passing that bound are gathered (whole, as rows of an overlapping view)
+    and compared exactly: neither the (c, G M) deviation matrix nor a full comparison pass is needed.
+    """
+    num_rows, size = scores.shape[1:]
+    covered, width = blocks.covered, blocks.width
+    limits = BlockMaxima.of(threshold, width)
+    pieces = []
+    if covered:
+        bound = blocks.full + limits.full.unsqueeze(1) - offsets.unsqueeze(-1)  # (G, c, blocks)
+        # rounding of the sums must not hide an entry: accept bounds within a few ulps of zero
+        slack = blocks.full.abs() + limits.full.abs().unsqueeze(1) + offsets.abs().unsqueeze(-1)
+        passing = (bound > slack * (-8 * torch.finfo(scores.dtype).eps)).reshape(-1).nonzero().squeeze(1)
+        # flat (group, row) and block of each passing block, then its first column in scores and thresholds
+        group_row = passing.div(covered // width, rounding_mode="floor")
+        block_start = (passing - group_row * (covered // width)) * width
+        column_start = group_row.div(num_rows, rounding_mode="floor") * size + block_start
+        window = _windows(scores.reshape(-1), width).index_select(0, group_row * size + block_start)
+        deviation = offsets.reshape(-1).index_select(0, group_row).unsqueeze(-1) - window  # (blocks, width)
+        limit = _windows(threshold.reshape(-1), width).index_select(0, column_start)
+        hit = (deviation < limit).reshape(-1).nonzero().squeeze(1)
+        which = hit.div(width, rounding_mode="floor")
+        pieces.append(
+            (
+                group_row[which].remainder(num_rows),
+                column_start[which] + (hit - which * width),
+                deviation.reshape(-1)[hit],
+            )
+        )
+    if covered < size:  # the last M % width columns: compared directly
+        deviation = offsets.unsqueeze(-1) - scores[..., covered:]  # (G, c, tail)
+        group, row, offset = (deviation < threshold[:, covered:].unsqueeze(1)).nonzero(as_tuple=True)
+        pieces.append((row, group * size + covered + offset, deviation[group, row, offset]))
+    row, column, value = (torch.cat(parts) for parts in zip(*pieces, strict=True))
+    return row + row_offset, column, value
+
+
+def _windows(flat: Tensor, width: int) -> Tensor:
+    """Every run of ``width`` consecutive elements of the 1-D ``flat``, as an overlapping (len - width + 1, width)
+    view: ``index_select`` on it gathers blocks that start anywhere as whole rows."""
+    return flat.as_strided((flat.numel() - width + 1, width), (1, 1))
 
 
 @torch.no_grad()
