@@ -27,8 +27,9 @@ from torch.utils._pytree import tree_flatten
 import simplexvq
 from simplexvq import functional as VQF
 from simplexvq.blockmax import BlockMaxima
+from simplexvq.ceiling import CeilingTopK, kept_per_column
 from simplexvq.efficient import soft_quantize, streamed_softmax_quantize
-from simplexvq.knn import RunningTopK, select_among_gathered
+from simplexvq.knn import RunningTopK, select_among_gathered, streamed_topk
 
 DT = torch.float64
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -577,3 +578,113 @@ def test_global_knn_matches_single_process(tmp_path):
     for report in reports:  # K above the global N: the same error on both ranks, nobody hangs
         message = report["errors"]["k-above-global-n"]
         assert message is not None and "k=4" in message and "all 2 ranks" in message and "N=3" in message
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The ceiling carried over between steps (simplexvq.ceiling)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ceiling_search(scores, offsets, k, ceiling, chunk):
+    """Run CeilingTopK over ``scores`` (G, N, M) in chunks; recomputation from the full deviation matrix."""
+    groups, num_rows, size = scores.shape
+    deviations = (offsets.unsqueeze(-1) - scores).transpose(0, 1).reshape(num_rows, groups * size)
+    recomputed = []
+
+    def recompute(columns, keep):
+        recomputed.append(columns)
+        return streamed_topk(
+            lambda a, b: deviations[a:b, columns],
+            num_rows,
+            keep,
+            columns.numel(),
+            7,
+            dtype=DT,
+            device=deviations.device,
+        )
+
+    search = CeilingTopK(k, groups, size, ceiling, dtype=DT, device=torch.device("cpu"))
+    for start in range(0, num_rows, chunk):
+        part = slice(start, start + chunk)
+        search.add(scores[:, part], offsets[:, part], BlockMaxima.of(scores[:, part], 16), start)
+    state, next_ceiling = search.finish(recompute)
+    return deviations, state, next_ceiling, recomputed
+
+
+@pytest.mark.parametrize("ceiling", ["none", "previous", "too_low", "infinite", "mixed"])
+@pytest.mark.parametrize("size", [40, 133])
+def test_ceiling_search_is_exact_whatever_the_ceiling(ceiling, size):
+    """Whatever the ceiling (none, the previous batch's, everywhere too low, infinite, a mix), the K smallest
+    deviations and their rows equal the full top-K; columns with fewer than K entries below the ceiling are
+    recomputed, and only those."""
+    groups, num_rows, k = 2, 120, 3
+    generator = _gen(31)
+
+    def batch():
+        scores = 3.0 * torch.randn(groups, num_rows, size, generator=generator, dtype=DT)
+        return scores, scores.logsumexp(dim=-1)
+
+    _, _, previous, _ = _ceiling_search(*batch(), k, None, 25)
+    assert previous is not None and previous.shape == (groups * size,) and bool(previous.isfinite().all())
+    given = {
+        "none": None,
+        "previous": previous,
+        "too_low": torch.zeros(groups * size, dtype=DT),
+        "infinite": torch.full((groups * size,), float("inf"), dtype=DT),
+        "mixed": torch.where(torch.arange(groups * size) % 3 == 0, torch.zeros(groups * size, dtype=DT), previous),
+    }[ceiling]
+    deviations, state, next_ceiling, recomputed = _ceiling_search(*batch(), k, given, 25)
+    expected = deviations.topk(k, dim=0, largest=False)
+    assert state.values.shape == (k, groups * size) and state.rows_seen == num_rows
+    assert torch.equal(state.values.sort(dim=0).values, expected.values.sort(dim=0).values)
+    assert torch.equal(state.rows.sort(dim=0).values, expected.indices.sort(dim=0).values)
+    if given is None:
+        assert recomputed == []
+    else:
+        below = (deviations < given).sum(dim=0)
+        assert torch.equal(
+            torch.cat(recomputed) if recomputed else torch.empty(0, dtype=torch.long), (below < k).nonzero().squeeze(1)
+        )
+    keep = kept_per_column(k)
+    if 4 * sum(len(c) for c in recomputed) > groups * size:  # too many recomputed: no ceiling for the next call
+        assert ceiling in ("too_low", "mixed") and next_ceiling is None
+    else:  # the keep-th smallest where known: all recomputed columns, and those with keep entries below the ceiling
+        true_kth = deviations.topk(keep, dim=0, largest=False).values.amax(dim=0)
+        if given is not None:
+            known = (deviations < given).sum(dim=0) >= keep
+            if recomputed:
+                known[torch.cat(recomputed)] = True
+            true_kth = torch.where(known, true_kth, given)
+        assert torch.equal(next_ceiling, true_kth)
+
+
+def test_streamed_quantize_with_a_hint_equals_without():
+    """``knn_hint`` from a call on other data (or a useless one) changes neither the loss nor any gradient; the
+    quantizer carries it from step to step and still equals the dense quantizer."""
+    z_old, codebook, temperature = _inputs(150, 2, 133, 4, seed=32)
+    first = streamed_softmax_quantize(z_old, codebook, temperature, knn_k=3, chunk_size=32)
+    assert first.knn_hint is not None and first.knn_hint.shape == (2 * 133,)
+    inputs = [_inputs(150, 2, 133, 4, seed=33)[0], codebook, temperature]
+    plain = streamed_softmax_quantize(*inputs, knn_k=3, chunk_size=32)
+    expected = _grads(plain.knn_loss + (plain.quantized**2).sum(), inputs)
+    for hint in (first.knn_hint, torch.zeros(2 * 133, dtype=DT), torch.full((2 * 133,), float("inf"), dtype=DT)):
+        hinted = streamed_softmax_quantize(*inputs, knn_k=3, chunk_size=32, knn_hint=hint)
+        torch.testing.assert_close(hinted.knn_loss, plain.knn_loss)
+        for got, want in zip(_grads(hinted.knn_loss + (hinted.quantized**2).sum(), inputs), expected, strict=True):
+            torch.testing.assert_close(got, want)
+    assert streamed_softmax_quantize(*inputs, knn_k=3, knn_distance="l2", chunk_size=32).knn_hint is None
+    with pytest.raises(ValueError, match=r"knn_hint must have shape \(G \* M,\) = \(266,\)"):
+        streamed_softmax_quantize(*inputs, knn_k=3, knn_hint=torch.zeros(5, dtype=DT))
+
+    torch.manual_seed(0)
+    efficient = simplexvq.build_quantizer(
+        "softmax-knn_ce", dim=8, groups=2, codebook_size=133, knn_k=3, memory_efficient=True, chunk_size=32
+    ).double()
+    dense = simplexvq.build_quantizer("softmax-knn_ce", dim=8, groups=2, codebook_size=133, knn_k=3).double()
+    dense.load_state_dict(efficient.state_dict())
+    assert "_knn_hint" not in efficient.state_dict()
+    for seed in (34, 35):
+        x = torch.randn(2, 75, 8, generator=_gen(seed), dtype=DT)
+        losses = [quantizer(x).losses["knn_ce"] for quantizer in (efficient, dense)]
+        torch.testing.assert_close(losses[0], losses[1])
+        assert efficient._knn_hint is not None

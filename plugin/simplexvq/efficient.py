@@ -28,6 +28,7 @@ from torch import Tensor
 from simplexvq import functional as VQF
 from simplexvq import knn
 from simplexvq.blockmax import BlockMaxima
+from simplexvq.ceiling import CeilingTopK
 from simplexvq.functional import perplexity
 
 LogitsKind = Literal["cosine", "euclid"]
@@ -81,13 +82,15 @@ class StreamedQuantization:
     ``quantized`` (N, G, d) the smoothed output ``p Q`` (``None`` unless asked for); ``knn_loss`` eq. 13 (``None``
     without ``knn_k``); ``indices`` (N, G) the hard codes ``argmax p``; ``stats`` per group (G,):
     ``prob_perplexity``, ``individual_perplexity``, ``max_prob`` (as :func:`simplexvq.stats.probability_stats`;
-    NaN without rows).
+    NaN without rows); ``knn_hint`` (G M,) the per-vertex ceiling to pass to the next call as ``knn_hint`` (only for
+    the CE regularizer over every vertex; ``None`` otherwise; see :mod:`simplexvq.ceiling`).
     """
 
     quantized: Tensor | None
     knn_loss: Tensor | None
     indices: Tensor
     stats: dict[str, Tensor]
+    knn_hint: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ def streamed_softmax_quantize(
     scope: knn.KnnScope = "local",
     vertices: Tensor | None = None,
     group: dist.ProcessGroup | None = None,
+    knn_hint: Tensor | None = None,
 ) -> StreamedQuantization:
     """Softmax smoothing of ``z`` (N, G, d) with ``codebook`` (G, M, d), streamed over chunks of rows.
 
@@ -120,7 +124,8 @@ def streamed_softmax_quantize(
     ``quantized = einsum(pi, Q)``, ``knn_loss(log_pi, knn_k, knn_distance, scope=..., vertices=...)`` and the
     statistics of ``pi``, without ever holding more than ``chunk_size`` rows of the (N, G, M) logits.
     ``chunk_size`` defaults to about 4M elements per (chunk, G, M) buffer. ``scope="global"`` joins collectives:
-    call it on every rank, also with N = 0.
+    call it on every rank, also with N = 0. ``knn_hint``: the previous call's ``result.knn_hint`` (same codebook
+    shape); it makes the KNN-CE search faster and never changes its result (ties aside).
     """
     if z.dim() != 3 or codebook.dim() != 3 or z.shape[1:] != (codebook.shape[0], codebook.shape[2]):
         raise ValueError(
@@ -147,6 +152,13 @@ def streamed_softmax_quantize(
             knn.check_k_fits(knn_k, total, "knn_loss", world.size)
     else:
         vertices = None
+    if knn_hint is not None:
+        knn_hint = knn_hint.detach()
+        if knn_hint.shape != (groups * codebook_size,):
+            raise ValueError(
+                f"streamed_softmax_quantize: knn_hint must have shape (G * M,) = ({groups * codebook_size},), got "
+                f"{tuple(knn_hint.shape)}: pass the knn_hint of a previous call with the same codebook shape"
+            )
     spec = _Spec(
         logits=distance,
         k=knn_k,
@@ -155,8 +167,8 @@ def streamed_softmax_quantize(
         chunk_size=chunk_size or knn.default_chunk_size(groups * codebook_size),
         world=world,
     )
-    quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum = _StreamedSoftmax.apply(
-        z, codebook, temperature, vertices, spec
+    quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum, next_hint = _StreamedSoftmax.apply(
+        z, codebook, temperature, vertices, knn_hint, spec
     )
     num_rows = z.shape[0]
     stats = {
@@ -169,6 +181,7 @@ def streamed_softmax_quantize(
         knn_loss=loss if knn_k is not None else None,
         indices=indices,
         stats=stats,
+        knn_hint=next_hint if next_hint.numel() else None,
     )
 
 
@@ -239,7 +252,7 @@ class _StreamedSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, codebook, temperature, vertices, spec):  # noqa: D102
+    def forward(ctx, z, codebook, temperature, vertices, hint, spec):  # noqa: D102
         num_rows, groups, dim = z.shape
         codebook_size = codebook.shape[1]
         columns = groups * (codebook_size if vertices is None else vertices.shape[1])
@@ -248,10 +261,15 @@ class _StreamedSoftmax(torch.autograd.Function):
         prob_sum = z.new_zeros(groups, codebook_size)
         perplexity_sum = z.new_zeros(groups)
         max_prob_sum = z.new_zeros(groups)
-        state = None
-        if spec.k is not None:
+        state = search = None
+        with_ceiling = spec.k is not None and spec.distance == "ce" and vertices is None
+        if with_ceiling:  # candidates from block maxima below a ceiling carried over from the previous step
+            search = CeilingTopK(spec.k, groups, codebook_size, hint, dtype=z.dtype, device=z.device)
+            lse_rows = z.new_empty(groups, num_rows)
+        elif spec.k is not None:
             state = knn.RunningTopK.empty(spec.k, columns, dtype=z.dtype, device=z.device)
-        keys_t = _keys(spec.logits, codebook).transpose(1, 2)  # (G, d', M)
+        keys = _keys(spec.logits, codebook)
+        keys_t = keys.transpose(1, 2)  # (G, d', M)
         workspace = _Workspace(groups, min(spec.chunk_size, num_rows), codebook_size, z)
         for start in range(0, num_rows, spec.chunk_size):
             end = min(start + spec.chunk_size, num_rows)
@@ -271,13 +289,21 @@ class _StreamedSoftmax(torch.autograd.Function):
             if spec.compute_output:
                 output = torch.bmm(shifted, codebook) * inverse.unsqueeze(-1)  # (G, c, d)
                 quantized[start:end] = output.transpose(0, 1)
-            if state is None:
-                continue
-            if spec.distance == "ce" and vertices is None:  # candidates from block maxima, no deviation matrix
-                state.update_from_scores(logits, lse, blocks, start)
-            else:
+            if search is not None:
+                lse_rows[:, start:end] = lse
+                search.add(logits, lse, blocks, start)
+            elif state is not None:
                 state.update(_chunk_deviation(spec, logits, shifted, inverse, lse, vertices), start)
         del workspace
+        next_hint = z.new_empty(0)
+        if search is not None:
+
+            def recompute(missing: Tensor, keep: int) -> knn.RunningTopK:
+                return _recomputed_topk(spec, z, temperature, keys, lse_rows, missing, keep)
+
+            state, ceiling = search.finish(recompute)
+            if ceiling is not None:
+                next_hint = ceiling
 
         loss = z.new_zeros(())
         rows = selected = None
@@ -294,9 +320,9 @@ class _StreamedSoftmax(torch.autograd.Function):
         ctx.scale = scale / (spec.k * columns) if spec.k is not None else 0.0
         ctx.spec = spec
         ctx.save_for_backward(z, codebook, temperature, quantized, vertices, rows, selected)
-        ctx.mark_non_differentiable(indices, prob_sum, perplexity_sum, max_prob_sum)
+        ctx.mark_non_differentiable(indices, prob_sum, perplexity_sum, max_prob_sum, next_hint)
         ctx.set_materialize_grads(False)
-        return quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum
+        return quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum, next_hint
 
     @staticmethod
     def backward(ctx, grad_quantized, grad_loss, *unused):  # noqa: D102
@@ -307,7 +333,7 @@ class _StreamedSoftmax(torch.autograd.Function):
         if spec.k is None:
             grad_loss = None
         if grad_quantized is None and grad_loss is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         num_rows, groups, _ = z.shape
         codebook_size = codebook.shape[1]
         if grad_loss is not None:
@@ -379,7 +405,38 @@ class _StreamedSoftmax(torch.autograd.Function):
         if grad_codebook is not None:
             (grad_from_keys,) = torch.autograd.grad(keys_graph, codebook_leaf, grad_keys)
             grad_codebook += grad_from_keys
-        return grad_z, grad_codebook, grad_temperature, None, None
+        return grad_z, grad_codebook, grad_temperature, None, None, None
+
+
+def _recomputed_topk(
+    spec: _Spec,
+    z: Tensor,
+    temperature: Tensor,
+    keys: Tensor,
+    lse_rows: Tensor,
+    columns: Tensor,
+    keep: int,
+) -> knn.RunningTopK:
+    """The running top-``keep`` of the CE deviations ``lse - logit`` of ``columns`` (flat ``g M + m``) over all rows,
+    from those columns' logits only (a (chunk, len(columns)) product per chunk)."""
+    num_rows = z.shape[0]
+    size = keys.shape[1]
+    group = columns.div(size, rounding_mode="floor")
+    code = columns - group * size
+    per_group = [(g, (group == g).nonzero().squeeze(1)) for g in group.unique().tolist()]
+    keys_of = {g: keys[g].index_select(0, code[where]).t() for g, where in per_group}
+
+    def chunk_deviation(start: int, end: int) -> Tensor:
+        queries = _queries(spec.logits, z[start:end], temperature)  # (c, G, d')
+        out = z.new_empty(end - start, columns.numel())
+        for g, where in per_group:
+            out[:, where] = lse_rows[g, start:end].unsqueeze(-1) - queries[:, g] @ keys_of[g]
+        return out
+
+    chunk_size = knn.default_chunk_size(columns.numel())
+    return knn.streamed_topk(
+        chunk_deviation, num_rows, keep, columns.numel(), chunk_size, dtype=z.dtype, device=z.device
+    )
 
 
 def _add_knn_gradient(

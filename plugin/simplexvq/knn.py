@@ -232,10 +232,18 @@ class RunningTopK:
             return
         columns = self.values.shape[1]
         counts = torch.bincount(column, minlength=columns)
-        touched = counts.nonzero().squeeze(1)
-        order = column.argsort(stable=True)  # group the entries by column
+        longest = int(counts.max())
+        if longest > 4 * self.k:  # skewed: first keep the K smallest entries of each column
+            order = value.argsort(stable=True)
+            row, column, value = row[order], column[order], value[order]
+        order = column.argsort(stable=True)  # group the entries by column (by value within it if sorted above)
         row, column, value = row[order], column[order], value[order]
         position = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[column]
+        if longest > 4 * self.k:
+            kept = position < self.k
+            row, column, value, position = row[kept], column[kept], value[kept], position[kept]
+            counts = counts.clamp_max(self.k)
+        touched = counts.nonzero().squeeze(1)
         slot = (counts > 0).cumsum(0).sub_(1)[column]
         longest = int(counts.max())
         values = value.new_full((longest, touched.numel()), float("inf"))

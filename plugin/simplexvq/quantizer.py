@@ -56,6 +56,9 @@ class ProductQuantizer(nn.Module):
             else None
         )
         self.num_updates = 0
+        # Memory-efficient KNN-CE: last step's per-vertex ceiling (simplexvq.ceiling). Speeds up the search and
+        # never changes its result, so it is a plain attribute: not in state_dict, not broadcast by DDP.
+        self._knn_hint: Tensor | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     def set_num_updates(self, num_updates: int) -> None:
@@ -229,7 +232,9 @@ class ProductQuantizer(nn.Module):
             chunk_size=config.chunk_size,
             scope=config.knn_scope,
             vertices=self._knn_vertices(x.device) if knn_reg else None,
+            knn_hint=self._usable_knn_hint(x),
         )
+        self._knn_hint = result.knn_hint
         if soft_output:
             quantized = result.quantized
         else:  # the hard code vectors, as the dense path's onehot @ Q
@@ -241,6 +246,12 @@ class ProductQuantizer(nn.Module):
         stats.update(result.stats)
         stats["temperature"] = self.logits.temperature.detach()
         return quantized, result.indices, losses, stats, None
+
+    def _usable_knn_hint(self, x: Tensor) -> Tensor | None:
+        hint = self._knn_hint
+        if hint is None or hint.numel() != self.config.groups * self.config.codebook_size:
+            return None
+        return hint.to(device=x.device, dtype=x.dtype)
 
     def _hard(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         config = self.config
