@@ -433,10 +433,15 @@ def _recomputed_topk(
             out[:, where] = lse_rows[g, start:end].unsqueeze(-1) - queries[:, g] @ keys_of[g]
         return out
 
+    state = knn.RunningTopK.empty(keep, columns.numel(), dtype=z.dtype, device=z.device)
+    every = torch.arange(columns.numel(), device=z.device)
     chunk_size = knn.default_chunk_size(columns.numel())
-    return knn.streamed_topk(
-        chunk_deviation, num_rows, keep, columns.numel(), chunk_size, dtype=z.dtype, device=z.device
-    )
+    for start in range(0, num_rows, chunk_size):  # few columns: one dense top-K per chunk
+        end = min(start + chunk_size, num_rows)
+        rows = torch.arange(start, end, device=z.device).unsqueeze(1)
+        state.merge_dense(every, chunk_deviation(start, end), rows)
+    state.rows_seen = num_rows
+    return state
 
 
 def _add_knn_gradient(

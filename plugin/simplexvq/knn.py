@@ -191,14 +191,14 @@ class RunningTopK:
         if num_rows == 0:
             return
         if self.rows_seen < self.k:
-            self._merge(torch.arange(columns, device=chunk.device), chunk, self._row_ids(row_offset, num_rows))
+            self.merge_dense(torch.arange(columns, device=chunk.device), chunk, self._row_ids(row_offset, num_rows))
             self.rows_seen += num_rows
             return
         self.rows_seen += num_rows
         row, column = self._candidates(chunk)
         if row.numel() * 4 > chunk.numel():  # dense enough: one top-K over the touched columns
             touched = torch.bincount(column, minlength=columns).nonzero().squeeze(1)
-            self._merge(touched, chunk.index_select(1, touched), self._row_ids(row_offset, num_rows))
+            self.merge_dense(touched, chunk.index_select(1, touched), self._row_ids(row_offset, num_rows))
             return
         self.merge_entries(row + row_offset, column, chunk[row, column])
 
@@ -250,7 +250,7 @@ class RunningTopK:
         values[position, slot] = value
         rows = torch.full((longest, touched.numel()), -1, dtype=torch.long, device=row.device)
         rows[position, slot] = row
-        self._merge(touched, values, rows)
+        self.merge_dense(touched, values, rows)
 
     def _candidates(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
         """(row, column) of every entry of ``chunk`` below its column's current K-th smallest value, row-major.
@@ -280,8 +280,9 @@ class RunningTopK:
     def _row_ids(self, row_offset: int, num_rows: int) -> Tensor:
         return torch.arange(row_offset, row_offset + num_rows, device=self.rows.device).unsqueeze(1)
 
-    def _merge(self, columns: Tensor, values: Tensor, rows: Tensor) -> None:
-        """Keep the K smallest of the state and ``values`` (L, len(columns)) in ``columns``."""
+    def merge_dense(self, columns: Tensor, values: Tensor, rows: Tensor) -> None:
+        """Keep the K smallest of the state and ``values`` (L, len(columns)) in ``columns``; ``rows`` (L, 1) or
+        (L, len(columns)) their row indices."""
         every = columns.numel() == self.values.shape[1]
         old_values = self.values if every else self.values.index_select(1, columns)
         old_rows = self.rows if every else self.rows.index_select(1, columns)
