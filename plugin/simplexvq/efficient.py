@@ -221,17 +221,17 @@ def _chunk_deviation(
     spec: _Spec, logits: Tensor, shifted: Tensor, inverse: Tensor, lse: Tensor, vertices: Tensor | None
 ) -> Tensor:
     """Deviations (c, G * S) of a chunk from its (G, c, M) logits and ``shifted`` (``p = shifted * inverse``)."""
-    groups, rows, size = logits.shape
 
-    def columns(x: Tensor) -> Tensor:
-        return x if vertices is None else x.gather(-1, vertices.unsqueeze(1).expand(groups, rows, -1))
+    def columns(x: Tensor) -> Tensor:  # (G, c, M) -> (c, G, S)
+        x = x.transpose(0, 1)
+        return x if vertices is None else knn.vertex_columns(x, vertices)
 
     if spec.distance == "ce":  # -log p_m = lse - l_m
-        out = lse.unsqueeze(-1) - columns(logits)
+        out = lse.t().unsqueeze(-1) - columns(logits)
     else:  # 1 - 2 p_m + |p|^2
-        squared_norm = torch.einsum("gcm,gcm->gc", shifted, shifted) * inverse.square()
-        out = (1.0 + squared_norm).unsqueeze(-1) - (2.0 * inverse).unsqueeze(-1) * columns(shifted)
-    return out.transpose(0, 1).reshape(rows, -1)
+        squared_norm = (torch.einsum("gcm,gcm->gc", shifted, shifted) * inverse.square()).t()
+        out = (1.0 + squared_norm).unsqueeze(-1) - (2.0 * inverse.t()).unsqueeze(-1) * columns(shifted)
+    return out.reshape(out.shape[0], -1)
 
 
 class _StreamedSoftmax(torch.autograd.Function):

@@ -50,8 +50,8 @@ __all__ = [
     "deviation",
     "global_row_count",
     "knn_loss_scaled",
-    "select_among_gathered",
     "score_candidates",
+    "select_among_gathered",
     "select_global",
     "selected_entries",
     "streamed_topk",
@@ -232,14 +232,14 @@ class RunningTopK:
             return
         columns = self.values.shape[1]
         counts = torch.bincount(column, minlength=columns)
-        longest = int(counts.max())
-        if longest > 4 * self.k:  # skewed: first keep the K smallest entries of each column
+        skewed = int(counts.max()) > 4 * self.k
+        if skewed:  # first keep the K smallest entries of each column
             order = value.argsort(stable=True)
             row, column, value = row[order], column[order], value[order]
         order = column.argsort(stable=True)  # group the entries by column (by value within it if sorted above)
         row, column, value = row[order], column[order], value[order]
         position = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[column]
-        if longest > 4 * self.k:
+        if skewed:
             kept = position < self.k
             row, column, value, position = row[kept], column[kept], value[kept], position[kept]
             counts = counts.clamp_max(self.k)

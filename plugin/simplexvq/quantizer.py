@@ -248,10 +248,8 @@ class ProductQuantizer(nn.Module):
         return quantized, result.indices, losses, stats, None
 
     def _usable_knn_hint(self, x: Tensor) -> Tensor | None:
-        hint = self._knn_hint
-        if hint is None or hint.numel() != self.config.groups * self.config.codebook_size:
-            return None
-        return hint.to(device=x.device, dtype=x.dtype)
+        """Last step's ceiling on the input's device and dtype (the module may have moved since)."""
+        return None if self._knn_hint is None else self._knn_hint.to(device=x.device, dtype=x.dtype)
 
     def _hard(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         config = self.config
