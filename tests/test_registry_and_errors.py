@@ -145,7 +145,7 @@ def test_overriding_the_method_derives_its_defaults_again_but_keeps_explicit_val
 
 
 def test_build_quantizer_rejects_other_specs():
-    with pytest.raises(TypeError, match="expects a method name or a QuantizerConfig, got dict"):
+    with pytest.raises(TypeError, match="expects a method name, a QuantizerSpec or a QuantizerConfig, got dict"):
         build_quantizer({"dim": DIM})
 
 

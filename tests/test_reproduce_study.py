@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import simplexvq
-from simplexvq_recipes.speech.config import PretrainConfig, preset_path
+from simplexvq_recipes.speech.pretraining.config import PretrainConfig, preset_path
 from simplexvq_recipes.training.config import load_config
 from simplexvq_recipes.vision.config import VisionRecipeConfig
 
@@ -96,7 +96,7 @@ def test_every_vision_run_is_a_valid_recipe_configuration(study, settings):
 def test_commands_use_the_recipes_and_torchrun_for_two_process_runs(study, settings):
     single = study.speech_run(settings, "ste-cosine")
     command = study.command(single, settings)
-    assert command[1:3] == ["-m", "simplexvq_recipes.speech.train"]
+    assert command[1:3] == ["-m", "simplexvq_recipes.speech.pretraining.train"]
     assert f"training.output_dir={settings.out / single.key}" in command
     scoped = study.study_runs("scope", settings)[-1]
     command = study.command(scoped, settings)

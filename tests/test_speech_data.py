@@ -12,11 +12,11 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from simplexvq_recipes.speech import manifest as manifest_cli
-from simplexvq_recipes.speech.audio import AudioReadError, audio_info, read_audio
-from simplexvq_recipes.speech.batching import ShardedBatchSampler, length_batches
-from simplexvq_recipes.speech.data import AudioDataset, SkippedAudioWarning, collate, make_loader
-from simplexvq_recipes.speech.manifest import (
+from simplexvq_recipes.speech.data import manifest as manifest_cli
+from simplexvq_recipes.speech.data.audio import AudioReadError, audio_info, read_audio
+from simplexvq_recipes.speech.data.batching import ShardedBatchSampler, length_batches
+from simplexvq_recipes.speech.data.dataset import AudioDataset, SkippedAudioWarning, collate, make_loader
+from simplexvq_recipes.speech.data.manifest import (
     ManifestEntry,
     ManifestError,
     read_manifest,

@@ -17,11 +17,18 @@ import torch
 import torchaudio
 from safetensors.torch import save_file
 
-from simplexvq_recipes.speech import asr_probe, export, extract_features, synthetic
-from simplexvq_recipes.speech.audio import AudioReadError, read_audio
-from simplexvq_recipes.speech.config import PretrainConfig, preset_path
-from simplexvq_recipes.speech.manifest import ManifestEntry, read_manifest, write_manifest
-from simplexvq_recipes.speech.model import CHECKPOINTS, CONFIG_FILE, WEIGHTS_FILE, build_model, load_pretrained
+from simplexvq_recipes.speech.data import synthetic
+from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
+from simplexvq_recipes.speech.data.manifest import ManifestEntry, read_manifest, write_manifest
+from simplexvq_recipes.speech.downstream import asr_probe, export, extract_features
+from simplexvq_recipes.speech.pretraining.config import PretrainConfig, preset_path
+from simplexvq_recipes.speech.pretraining.model import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    build_model,
+    load_pretrained,
+)
 from simplexvq_recipes.training.checkpoint import TRAINER_STATE
 from simplexvq_recipes.training.config import config_to_yaml, load_config
 

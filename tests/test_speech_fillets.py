@@ -11,8 +11,9 @@ import json
 import pytest
 import soundfile as sf
 
-from simplexvq_recipes.speech import demo, prepare_fillets
-from simplexvq_recipes.speech.manifest import read_manifest
+from simplexvq_recipes.speech import demo
+from simplexvq_recipes.speech.data import prepare_fillets
+from simplexvq_recipes.speech.data.manifest import read_manifest
 
 TRAIN_LEVELS = ("airplane", "alibaba", "atlantis", "aztec")
 VALID_LEVEL = "bathroom"

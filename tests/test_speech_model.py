@@ -9,10 +9,15 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 
-from simplexvq_recipes.speech.config import ModelConfig, PretrainConfig, QuantizerSection, preset_path
-from simplexvq_recipes.speech.losses import contrastive_logits, contrastive_loss, feature_penalty, scale_gradient
-from simplexvq_recipes.speech.masking import padding_mask, sample_distractors, span_mask
-from simplexvq_recipes.speech.model import Wav2Vec2Pretrainer, build_model
+from simplexvq_recipes.speech.pretraining.config import ModelConfig, PretrainConfig, QuantizerSection, preset_path
+from simplexvq_recipes.speech.pretraining.losses import (
+    contrastive_logits,
+    contrastive_loss,
+    feature_penalty,
+    scale_gradient,
+)
+from simplexvq_recipes.speech.pretraining.masking import padding_mask, sample_distractors, span_mask
+from simplexvq_recipes.speech.pretraining.model import Wav2Vec2Pretrainer, build_model
 from simplexvq_recipes.training.config import load_config
 
 TABLE2_METHODS = [

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simplexvq_recipes.speech import train as train_module
-from simplexvq_recipes.speech.audio import AudioReadError
-from simplexvq_recipes.speech.manifest import ManifestEntry, read_manifest, write_manifest
-from simplexvq_recipes.speech.model import load_pretrained
+from simplexvq_recipes.speech.data.audio import AudioReadError
+from simplexvq_recipes.speech.data.manifest import ManifestEntry, read_manifest, write_manifest
+from simplexvq_recipes.speech.pretraining import train as train_module
+from simplexvq_recipes.speech.pretraining.model import load_pretrained
 
 CORPUS = Path(__file__).parent / "scripts" / "speech_corpus.py"
 FAST = [
@@ -51,7 +51,7 @@ def _command(corpus: Path, run_dir: Path, *overrides: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "simplexvq_recipes.speech.train",
+        "simplexvq_recipes.speech.pretraining.train",
         *FAST,
         f"data.manifest_dir={corpus}",
         f"training.output_dir={run_dir}",
@@ -181,7 +181,7 @@ def test_two_gloo_processes_end_to_end(corpus, tmp_path):
         "--nproc_per_node",
         "2",
         "-m",
-        "simplexvq_recipes.speech.train",
+        "simplexvq_recipes.speech.pretraining.train",
         *_command(
             corpus,
             run_dir,

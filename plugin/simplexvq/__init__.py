@@ -5,7 +5,14 @@ from simplexvq.config import GumbelTemperature, QuantizerConfig
 from simplexvq.metrics import CodebookUsageMeter
 from simplexvq.output import QuantizerOutput
 from simplexvq.quantizer import ProductQuantizer
-from simplexvq.registry import available_quantizers, build_quantizer, quantizer_config, register_quantizer
+from simplexvq.registry import (
+    available_quantizers,
+    build_quantizer,
+    built_in_quantizers,
+    quantizer_config,
+    register_quantizer,
+)
+from simplexvq.spec import QuantizerSpec
 
 __version__ = "0.1.0"
 
@@ -15,8 +22,10 @@ __all__ = [
     "ProductQuantizer",
     "QuantizerConfig",
     "QuantizerOutput",
+    "QuantizerSpec",
     "available_quantizers",
     "build_quantizer",
+    "built_in_quantizers",
     "functional",
     "quantizer_config",
     "register_quantizer",

@@ -16,6 +16,7 @@ from torch import nn
 
 from simplexvq.config import DISTANCES, REGULARIZERS, SMOOTHING_METHODS, QuantizerConfig
 from simplexvq.quantizer import ProductQuantizer
+from simplexvq.spec import QuantizerSpec
 
 QuantizerFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=QuantizerFactory)
@@ -45,6 +46,11 @@ def available_quantizers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def built_in_quantizers() -> list[str]:
+    """The names of the built-in presets (one :class:`QuantizerConfig` each), sorted."""
+    return sorted(_PRESETS)
+
+
 def quantizer_config(name: str, **overrides: Any) -> QuantizerConfig:
     """The :class:`QuantizerConfig` of a built-in method name, with ``overrides`` (``dim`` etc.) applied."""
     if name not in _PRESETS:
@@ -52,13 +58,18 @@ def quantizer_config(name: str, **overrides: Any) -> QuantizerConfig:
     return QuantizerConfig(**{**_PRESETS[name], **overrides})
 
 
-def build_quantizer(spec: str | QuantizerConfig, **overrides: Any) -> nn.Module:
-    """Build a quantizer from a registered name or a :class:`QuantizerConfig` (``overrides`` replace fields; defaults
-    the config derived from its method are derived again, see :meth:`QuantizerConfig.replace`)."""
+def build_quantizer(spec: str | QuantizerConfig | QuantizerSpec, **overrides: Any) -> nn.Module:
+    """Build a quantizer from a registered name, a :class:`QuantizerSpec` or a :class:`QuantizerConfig`
+    (``overrides`` replace fields; defaults the config derived from its method are derived again, see
+    :meth:`QuantizerConfig.replace`)."""
+    if isinstance(spec, QuantizerSpec):
+        return spec.build(**overrides)
     if isinstance(spec, QuantizerConfig):
         return ProductQuantizer(spec.replace(**overrides) if overrides else spec)
     if not isinstance(spec, str):
-        raise TypeError(f"build_quantizer expects a method name or a QuantizerConfig, got {type(spec).__name__}")
+        raise TypeError(
+            f"build_quantizer expects a method name, a QuantizerSpec or a QuantizerConfig, got {type(spec).__name__}"
+        )
     if spec not in _REGISTRY:
         raise _unknown(spec, known=available_quantizers(), what="quantizer")
     return _REGISTRY[spec](**overrides)

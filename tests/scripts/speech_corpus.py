@@ -38,8 +38,8 @@ def utterance(rng: np.random.Generator, sample_rate: int, seconds: float) -> np.
 
 def write_corpus(root: Path, *, num_train: int = 24, num_valid: int = 8, seed: int = 0) -> Path:
     """Write ``root/audio/{train,valid}/spk*/utt*.{wav,flac}`` and ``root/{train,valid}.tsv``; returns ``root``."""
-    from simplexvq_recipes.speech.audio import audio_info
-    from simplexvq_recipes.speech.manifest import ManifestEntry, write_manifest
+    from simplexvq_recipes.speech.data.audio import audio_info
+    from simplexvq_recipes.speech.data.manifest import ManifestEntry, write_manifest
 
     rng = np.random.default_rng(seed)
     audio = root / "audio"

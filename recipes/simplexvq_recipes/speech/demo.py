@@ -3,8 +3,8 @@
     python -m simplexvq_recipes.speech.demo [--methods softmax-knn_ce ste-cosine ...] [--steps 200]
 
 Prepares the fillets-ng corpus if needed (``apt-get install -y fillets-ng-data-cs fillets-ng-data-nl``; see
-:mod:`~simplexvq_recipes.speech.prepare_fillets`), then pretrains the ``tiny`` preset once per quantizer with the
-recipe's own entry point (``python -m simplexvq_recipes.speech.train``), the runs side by side in separate
+:mod:`~simplexvq_recipes.speech.data.prepare_fillets`), then pretrains the ``tiny`` preset once per quantizer with the
+recipe's own entry point (``python -m simplexvq_recipes.speech.pretraining.train``), the runs side by side in separate
 processes of one thread each, and prints the code usage on the held-out level folders. Runs land in
 ``OUT/<method>/`` (logs, TensorBoard, checkpoints, ``code_usage.png``); re-running resumes finished runs instantly.
 """
@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from simplexvq_recipes.speech import prepare_fillets
-from simplexvq_recipes.speech.train import RESULTS_FILE
+from simplexvq_recipes.speech.data import prepare_fillets
+from simplexvq_recipes.speech.pretraining.train import RESULTS_FILE
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
 
 DEFAULT_METHODS = ("softmax-knn_ce", "ste-cosine")
@@ -44,7 +44,7 @@ def train_command(
     return [
         sys.executable,
         "-m",
-        "simplexvq_recipes.speech.train",
+        "simplexvq_recipes.speech.pretraining.train",
         "--preset",
         "tiny",
         f"data.manifest_dir={corpus}",

@@ -1,6 +1,6 @@
 """Write the contextual features and discrete codes of a pretrained model for every utterance of a manifest.
 
-    python -m simplexvq_recipes.speech.extract_features RUN_DIR_OR_CHECKPOINT MANIFEST.tsv OUT_DIR --layers 6 12
+    python -m simplexvq_recipes.speech.downstream.extract_features RUN_DIR_OR_CHECKPOINT MANIFEST.tsv OUT_DIR --layers 6 12
 
 One file per utterance, ``OUT_DIR/features/<audio path without extension>.safetensors`` (or ``.npz`` with
 ``--format npz``), holding
@@ -38,9 +38,9 @@ from safetensors.numpy import save_file as save_numpy_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from simplexvq_recipes.speech.audio import AudioReadError, read_audio
-from simplexvq_recipes.speech.manifest import Manifest, ManifestError, read_manifest
-from simplexvq_recipes.speech.model import Wav2Vec2Pretrainer, load_pretrained, resolve_checkpoint
+from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
+from simplexvq_recipes.speech.data.manifest import Manifest, ManifestError, read_manifest
+from simplexvq_recipes.speech.pretraining.model import Wav2Vec2Pretrainer, load_pretrained, resolve_checkpoint
 from simplexvq_recipes.training.atomic import atomic_write_json
 
 INDEX_FILE = "index.json"

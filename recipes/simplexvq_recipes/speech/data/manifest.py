@@ -3,7 +3,7 @@
 ``num_samples`` is the length at the recipe's sample rate (16 kHz), i.e. the file's own frame count for 16 kHz
 audio as in fairseq. As a command, writes ``train.tsv`` and ``valid.tsv`` for a folder of audio files::
 
-    python -m simplexvq_recipes.speech.manifest AUDIO_DIR OUT_DIR --valid-percent 0.05 [--group-depth 1]
+    python -m simplexvq_recipes.speech.data.manifest AUDIO_DIR OUT_DIR --valid-percent 0.05 [--group-depth 1]
 
 ``--group-depth N`` holds out whole folders (the first N path components: speakers, chapters, levels) instead
 of single files, so no group is split between train and valid.
@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from simplexvq_recipes.speech.audio import AudioReadError, audio_info
+from simplexvq_recipes.speech.data.audio import AudioReadError, audio_info
 from simplexvq_recipes.training.atomic import atomic_write_text
 
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3", "opus")

@@ -5,7 +5,7 @@ in training while the sentences themselves differ; each utterance gets its own v
 speed and pitch. Writes 16 kHz mono WAV files and fairseq-style manifests with aligned transcripts::
 
     apt-get install -y espeak-ng
-    python -m simplexvq_recipes.speech.synthetic OUT_DIR --train 400 --valid 60
+    python -m simplexvq_recipes.speech.data.synthetic OUT_DIR --train 400 --valid 60
 
     OUT_DIR/audio/{train,valid}/*.wav
     OUT_DIR/train.tsv, valid.tsv     manifests (first line the audio root, then ``path<TAB>num_samples``)
@@ -30,7 +30,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from simplexvq_recipes.speech.manifest import ManifestEntry, write_manifest
+from simplexvq_recipes.speech.data.manifest import ManifestEntry, write_manifest
 from simplexvq_recipes.training.atomic import atomic_write_text
 
 SAMPLE_RATE = 16000

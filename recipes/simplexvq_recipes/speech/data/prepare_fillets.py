@@ -6,7 +6,7 @@ under ``OUT_DIR/audio/<level>/<language>/`` and writes ``OUT_DIR/train.tsv`` / `
 level folders (:data:`VALID_LEVELS`, every 10th level in alphabetical order) so no dialogue scene is in both::
 
     apt-get install -y fillets-ng-data-cs fillets-ng-data-nl
-    python -m simplexvq_recipes.speech.prepare_fillets ~/.cache/simplexvq/fillets-16k
+    python -m simplexvq_recipes.speech.data.prepare_fillets ~/.cache/simplexvq/fillets-16k
 
 Files already converted are kept (re-running is cheap); empty or unreadable files are left out with a warning.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from simplexvq_recipes.speech.audio import AudioReadError, read_audio
-from simplexvq_recipes.speech.manifest import scan_audio, split_by_groups, write_split
+from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
+from simplexvq_recipes.speech.data.manifest import scan_audio, split_by_groups, write_split
 
 SOURCE = Path("/usr/share/games/fillets-ng/sound")
 LANGUAGES = ("cs", "nl")

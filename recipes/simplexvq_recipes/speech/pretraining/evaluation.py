@@ -9,8 +9,8 @@ from accelerate import Accelerator
 from torch import Tensor
 
 import simplexvq
-from simplexvq_recipes.speech.data import Batch
-from simplexvq_recipes.speech.model import Wav2Vec2Pretrainer
+from simplexvq_recipes.speech.data.dataset import Batch
+from simplexvq_recipes.speech.pretraining.model import Wav2Vec2Pretrainer
 
 VALIDATION_SEED = 20_250_001
 

@@ -17,7 +17,7 @@ def contrastive_logits(
     """Eq. 15's logits: cosine similarity of each prediction to its target and to its distractors, over ``T``.
 
     ``predictions``, ``targets``: (N, D), row i the Transformer output and the quantized target of masked frame i;
-    ``distractors``: (N, K) row indices into ``targets`` (see :func:`~simplexvq_recipes.speech.masking.
+    ``distractors``: (N, K) row indices into ``targets`` (see :func:`~simplexvq_recipes.speech.pretraining.masking.
     sample_distractors`); ``valid``: (N,) bool, False where a frame has no distractors. Returns (N, 1 + K) float32
     logits with the target in column 0. A distractor equal to the target (the same code) cannot be told apart from
     it and gets ``-inf``, as in wav2vec 2.0; so do all distractors of rows that are not ``valid``.

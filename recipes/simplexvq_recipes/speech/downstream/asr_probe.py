@@ -7,12 +7,12 @@ baseline features so the numbers mean something: ``random`` (the same architectu
 ``logmel`` (80 log-mel filterbanks at the model's frame rate); the best constant transcript (no audio at all) is
 always reported. ``codes`` probes the model's discrete codes alone (one-hot, G x M dimensions)::
 
-    python -m simplexvq_recipes.speech.synthetic data/synth                  # or any manifests + .wrd transcripts
-    python -m simplexvq_recipes.speech.asr_probe data/synth/train.tsv data/synth/valid.tsv \
+    python -m simplexvq_recipes.speech.data.synthetic data/synth                  # or any manifests + .wrd transcripts
+    python -m simplexvq_recipes.speech.downstream.asr_probe data/synth/train.tsv data/synth/valid.tsv \
         --checkpoint RUN_DIR --layer 2 --features pretrained random codes logmel --output probe.json
 
 Transcripts are read from the file next to each manifest with the suffix ``.wrd`` (one line per manifest row, as
-written by :mod:`simplexvq_recipes.speech.synthetic`), or from ``--train-transcripts`` / ``--valid-transcripts``.
+written by :mod:`simplexvq_recipes.speech.data.synthetic`), or from ``--train-transcripts`` / ``--valid-transcripts``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 from tqdm.auto import tqdm
 
-from simplexvq_recipes.speech.extract_features import CODES_KEY, FeatureExtractor, iter_waveforms, layer_key
-from simplexvq_recipes.speech.manifest import Manifest, read_manifest
-from simplexvq_recipes.speech.model import build_model, load_pretrained
-from simplexvq_recipes.speech.synthetic import transcript_path
+from simplexvq_recipes.speech.downstream.extract_features import CODES_KEY, FeatureExtractor, iter_waveforms, layer_key
+from simplexvq_recipes.speech.data.manifest import Manifest, read_manifest
+from simplexvq_recipes.speech.pretraining.model import build_model, load_pretrained
+from simplexvq_recipes.speech.data.synthetic import transcript_path
 from simplexvq_recipes.training.atomic import atomic_write_json
 
 FEATURE_KINDS = ("pretrained", "random", "codes", "logmel")

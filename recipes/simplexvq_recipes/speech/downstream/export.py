@@ -1,6 +1,6 @@
 """Export the pretrained encoder as a plain torchaudio ``Wav2Vec2Model`` (CNN + Transformer, no pretraining head).
 
-    python -m simplexvq_recipes.speech.export RUN_DIR_OR_CHECKPOINT encoder.pt
+    python -m simplexvq_recipes.speech.downstream.export RUN_DIR_OR_CHECKPOINT encoder.pt
 
 The file is a ``torch.save`` dict that needs neither simplexvq nor its configs to load:
 
@@ -28,12 +28,12 @@ import torch
 import torchaudio
 from torch import Tensor
 
-from simplexvq_recipes.speech.config import ModelConfig
-from simplexvq_recipes.speech.model import Wav2Vec2Pretrainer, load_pretrained
+from simplexvq_recipes.speech.pretraining.config import ModelConfig
+from simplexvq_recipes.speech.pretraining.model import Wav2Vec2Pretrainer, load_pretrained
 from simplexvq_recipes.training.atomic import atomic_write_bytes
 
 FORMAT = "simplexvq.torchaudio_wav2vec2"
-LOADER = "simplexvq_recipes.speech.export.load_exported"
+LOADER = "simplexvq_recipes.speech.downstream.export.load_exported"
 VERSION = 1
 
 

@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import simplexvq
-from simplexvq_recipes.speech import losses as L
-from simplexvq_recipes.speech.config import ModelConfig, PretrainConfig
-from simplexvq_recipes.speech.masking import padding_mask, sample_distractors, span_mask
+from simplexvq_recipes.speech.pretraining import losses as L
+from simplexvq_recipes.speech.pretraining.config import ModelConfig, PretrainConfig
+from simplexvq_recipes.speech.pretraining.masking import padding_mask, sample_distractors, span_mask
 from simplexvq_recipes.training.checkpoint import TRAINER_STATE
 from simplexvq_recipes.training.config import load_config
 

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from simplexvq_recipes.speech.audio import AudioReadError, read_audio
-from simplexvq_recipes.speech.batching import ShardedBatchSampler
-from simplexvq_recipes.speech.manifest import Manifest
+from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
+from simplexvq_recipes.speech.data.batching import ShardedBatchSampler
+from simplexvq_recipes.speech.data.manifest import Manifest
 
 ON_ERROR = ("raise", "skip")
 
@@ -38,7 +38,7 @@ class Batch:
 class AudioDataset(torch.utils.data.Dataset):
     """Utterances of a manifest, cropped to at most ``crop_samples`` samples.
 
-    Items are addressed by ``(index, epoch)`` keys (see :class:`~simplexvq_recipes.speech.batching.
+    Items are addressed by ``(index, epoch)`` keys (see :class:`~simplexvq_recipes.speech.data.batching.
     ShardedBatchSampler`): with ``random_crop`` the crop offset is drawn from a generator seeded by
     ``(seed, epoch, index)``, so crops are random, differ between epochs, and do not depend on worker processes or
     on where a run was resumed. Without it the crop is centred.

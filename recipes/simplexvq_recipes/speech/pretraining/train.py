@@ -1,10 +1,10 @@
 """Pretrain wav2vec 2.0 with any registered simplexvq quantizer, driven by Accelerate.
 
-    accelerate launch -m simplexvq_recipes.speech.train --config CONFIG.yaml data.manifest_dir=DIR [key=value ...]
+    accelerate launch -m simplexvq_recipes.speech.pretraining.train --config CONFIG.yaml data.manifest_dir=DIR [key=value ...]
 
 The same command runs on one CPU, one or many GPUs and several nodes (Accelerate's own configuration decides);
-``python -m simplexvq_recipes.speech.train`` works on one device, and ``torchrun --nproc_per_node N -m
-simplexvq_recipes.speech.train`` runs several CPU processes (gloo) where there is no GPU. Packaged presets:
+``python -m simplexvq_recipes.speech.pretraining.train`` works on one device, and ``torchrun --nproc_per_node N -m
+simplexvq_recipes.speech.pretraining.train`` runs several CPU processes (gloo) where there is no GPU. Packaged presets:
 ``--preset base`` (1 x 1024), ``base_2x320`` and ``tiny``. The run folder (``training.output_dir``) receives
 ``config.yaml``, ``checkpoints/step_*`` (atomic, exact resume), ``tensorboard/``, ``code_usage.png``,
 ``code_usage_train.png``, ``code_histogram.png``, ``results.json`` and ``history.json`` (every logged metric);
@@ -27,12 +27,12 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 import simplexvq
-from simplexvq_recipes.speech.batching import ShardedBatchSampler
-from simplexvq_recipes.speech.config import PRESETS, PretrainConfig, preset_path
-from simplexvq_recipes.speech.data import AudioDataset, make_loader
-from simplexvq_recipes.speech.evaluation import validate
-from simplexvq_recipes.speech.manifest import read_manifest
-from simplexvq_recipes.speech.model import CHECKPOINTS, CONFIG_FILE, PretrainOutput, build_model
+from simplexvq_recipes.speech.data.batching import ShardedBatchSampler
+from simplexvq_recipes.speech.pretraining.config import PRESETS, PretrainConfig, preset_path
+from simplexvq_recipes.speech.data.dataset import AudioDataset, make_loader
+from simplexvq_recipes.speech.pretraining.evaluation import validate
+from simplexvq_recipes.speech.data.manifest import read_manifest
+from simplexvq_recipes.speech.pretraining.model import CHECKPOINTS, CONFIG_FILE, PretrainOutput, build_model
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
 from simplexvq_recipes.training.checkpoint import CheckpointManager
 from simplexvq_recipes.training.config import config_to_yaml, load_config

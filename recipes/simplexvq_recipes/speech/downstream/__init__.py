@@ -1,0 +1,1 @@
+"""Using a pretrained model: feature and code extraction, the ASR probe, exports."""
