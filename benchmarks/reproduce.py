@@ -221,7 +221,13 @@ STUDIES: tuple[str, ...] = ("speech", "vision", "k", "batch", "codebook", "scope
 def command(run: Run, settings: Settings) -> list[str]:
     run_dir = settings.out / run.key
     if run.recipe == "speech":
-        recipe = ["-m", "simplexvq_recipes.speech.pretraining.train", "--preset", "tiny", f"training.output_dir={run_dir}"]
+        recipe = [
+            "-m",
+            "simplexvq_recipes.speech.pretraining.train",
+            "--preset",
+            "tiny",
+            f"training.output_dir={run_dir}",
+        ]
     else:
         recipe = ["-m", "simplexvq_recipes.vision.train", "--config", str(VISION_CONFIG), f"output_dir={run_dir}"]
     if run.processes > 1:
@@ -536,8 +542,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     corpus = args.corpus
     if corpus is None and not args.dry_run and set(args.studies) - {"vision"}:
-        from simplexvq_recipes.speech.demo import ensure_corpus
         from simplexvq_recipes.speech.data.prepare_fillets import default_cache_dir
+        from simplexvq_recipes.speech.demo import ensure_corpus
 
         corpus = ensure_corpus(default_cache_dir())
     settings = Settings(

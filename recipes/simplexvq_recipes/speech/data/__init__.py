@@ -1,1 +1,1 @@
-"""Speech data: audio reading, manifests, datasets and batching, the offline corpora (fillets-ng speech, espeak-ng synthetic speech)."""
+"""Speech data: audio reading, manifests, datasets and batching; the offline corpora (fillets-ng, espeak-ng)."""

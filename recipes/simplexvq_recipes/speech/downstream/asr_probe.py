@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 from tqdm.auto import tqdm
 
-from simplexvq_recipes.speech.downstream.extract_features import CODES_KEY, FeatureExtractor, iter_waveforms, layer_key
 from simplexvq_recipes.speech.data.manifest import Manifest, read_manifest
-from simplexvq_recipes.speech.pretraining.model import build_model, load_pretrained
 from simplexvq_recipes.speech.data.synthetic import transcript_path
+from simplexvq_recipes.speech.downstream.extract_features import CODES_KEY, FeatureExtractor, iter_waveforms, layer_key
+from simplexvq_recipes.speech.pretraining.model import build_model, load_pretrained
 from simplexvq_recipes.training.atomic import atomic_write_json
 
 FEATURE_KINDS = ("pretrained", "random", "codes", "logmel")

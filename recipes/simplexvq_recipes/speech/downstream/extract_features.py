@@ -1,6 +1,6 @@
 """Write the contextual features and discrete codes of a pretrained model for every utterance of a manifest.
 
-    python -m simplexvq_recipes.speech.downstream.extract_features RUN_DIR_OR_CHECKPOINT MANIFEST.tsv OUT_DIR --layers 6 12
+    python -m simplexvq_recipes.speech.downstream.extract_features RUN_DIR MANIFEST.tsv OUT_DIR --layers 6 12
 
 One file per utterance, ``OUT_DIR/features/<audio path without extension>.safetensors`` (or ``.npz`` with
 ``--format npz``), holding

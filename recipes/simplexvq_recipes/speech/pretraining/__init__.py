@@ -1,1 +1,1 @@
-"""wav2vec 2.0 pretraining with a simplexvq quantizer: config, model, losses, masking, validation and the training entry point."""
+"""wav2vec 2.0 pretraining with a simplexvq quantizer: config, model, losses, masking, validation, training."""

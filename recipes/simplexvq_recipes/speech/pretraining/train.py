@@ -1,6 +1,6 @@
 """Pretrain wav2vec 2.0 with any registered simplexvq quantizer, driven by Accelerate.
 
-    accelerate launch -m simplexvq_recipes.speech.pretraining.train --config CONFIG.yaml data.manifest_dir=DIR [key=value ...]
+    accelerate launch -m simplexvq_recipes.speech.pretraining.train --config CONFIG.yaml data.manifest_dir=DIR [k=v ...]
 
 The same command runs on one CPU, one or many GPUs and several nodes (Accelerate's own configuration decides);
 ``python -m simplexvq_recipes.speech.pretraining.train`` works on one device, and ``torchrun --nproc_per_node N -m
@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 import simplexvq
 from simplexvq_recipes.speech.data.batching import ShardedBatchSampler
-from simplexvq_recipes.speech.pretraining.config import PRESETS, PretrainConfig, preset_path
 from simplexvq_recipes.speech.data.dataset import AudioDataset, make_loader
-from simplexvq_recipes.speech.pretraining.evaluation import validate
 from simplexvq_recipes.speech.data.manifest import read_manifest
+from simplexvq_recipes.speech.pretraining.config import PRESETS, PretrainConfig, preset_path
+from simplexvq_recipes.speech.pretraining.evaluation import validate
 from simplexvq_recipes.speech.pretraining.model import CHECKPOINTS, CONFIG_FILE, PretrainOutput, build_model
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
 from simplexvq_recipes.training.checkpoint import CheckpointManager
