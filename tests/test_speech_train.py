@@ -66,11 +66,11 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
 
 
 RESUME_SETTINGS = (
-    "training.max_steps=10",
+    "training.steps=10",
     "optim.warmup_steps=2",
     "training.checkpoint_every=2",
     "training.log_every=2",
-    "training.valid_every=5",
+    "training.eval_every=5",
 )
 
 
@@ -185,10 +185,10 @@ def test_two_gloo_processes_end_to_end(corpus, tmp_path):
         *_command(
             corpus,
             run_dir,
-            "training.max_steps=4",
+            "training.steps=4",
             "training.checkpoint_every=2",
             "training.log_every=2",
-            "training.valid_every=4",
+            "training.eval_every=4",
             "optim.warmup_steps=2",
             "model.layer_drop=0.5",  # layers skipped differently on each rank: DDP must cope with unused parameters
         )[3:],
@@ -254,8 +254,8 @@ def test_unreadable_files_are_skipped_with_a_warning_when_configured(corpus, tmp
             "data.on_error=skip",
             "data.batch_size=2",
             "data.crop_samples=40000",
-            "training.max_steps=16",
-            "training.valid_every=16",
+            "training.steps=16",
+            "training.eval_every=16",
             "training.checkpoint_every=16",
             "training.log_every=16",
         )

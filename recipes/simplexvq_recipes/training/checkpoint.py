@@ -1,68 +1,195 @@
-"""Atomic checkpoints with exact resume, on top of Accelerate's ``save_state`` / ``load_state``.
+"""Atomic checkpoints with exact resume, in formats that cannot execute code when read.
 
-Accelerate saves the model, optimizer, schedulers, gradient scaler, dataloader samplers, registered custom objects
-and every rank's RNG states. This module adds what it lacks for runs that may be killed at any moment:
+A checkpoint is a folder ``step_XXXXXXXX`` holding:
 
-* **atomicity**: a checkpoint is written into a hidden ``.tmp-step_XXXXXXXX`` folder and renamed to
-  ``step_XXXXXXXX`` only once every rank has finished writing, so a folder with the final name is always complete
-  (a rename within a file system is atomic);
-* **trainer state** (step, epoch, position in the epoch, metric history) saved as JSON inside the checkpoint;
-* **retention** of the newest ``keep_last`` checkpoints.
+* ``model.safetensors``: the (unwrapped) model's state dict;
+* ``optimizer.pt``: the optimizer's state dict, read back with ``torch.load(weights_only=True)`` (tensors, numbers
+  and containers only: a pickled object that would run code is refused);
+* ``scheduler.json`` and ``grad_scaler.json``: the learning-rate schedule's and the fp16 gradient scaler's states;
+* ``rng_<rank>.safetensors`` + ``rng_<rank>.json``: every rank's torch (CPU and CUDA), NumPy and Python RNG states;
+* ``trainer_state.json``: step, position in the data, metric history, training seconds;
+* ``manifest.json``: the size of every other file, written last.
 
-Every method is called on every rank (they contain barriers).
+Nothing is unpickled with code execution, unlike Accelerate's ``save_state`` (whose registered custom objects are
+read with ``weights_only=False``). A checkpoint is written into a hidden ``.tmp-step_XXXXXXXX`` folder and renamed
+once every rank has finished, so a folder with the final name was complete when written; :func:`checkpoint_problem`
+also detects one damaged later (a truncated file), and :meth:`CheckpointManager.restore` then falls back to the
+newest intact checkpoint with a warning naming the bad file. :func:`latest_complete` is the one definition of
+"complete" shared by the trainer and by the recipes' ``load_pretrained``.
+
+Every method of :class:`CheckpointManager` is called on every rank (they contain barriers).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from simplexvq_recipes.training.atomic import atomic_write_json
 
 TRAINER_STATE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.json"
+SCALER_FILE = "grad_scaler.json"
+MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
-class CheckpointManager:
-    """Save and restore the full training state under ``directory``."""
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
 
-    def __init__(self, accelerator: Accelerator, directory: str | Path, keep_last: int = 2) -> None:
+
+def step_folders(directory: str | Path) -> list[Path]:
+    """Folders named ``step_XXXXXXXX`` under ``directory``, oldest first (complete or not)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (naming the bad file), or ``None`` when it is."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    for required in (TRAINER_STATE, MANIFEST_FILE):
+        try:
+            json.loads((path / required).read_text())
+        except FileNotFoundError:
+            return f"{path / required} is missing"
+        except (ValueError, OSError) as error:
+            return f"{path / required} is unreadable ({error})"
+    sizes = json.loads(manifest_file.read_text())
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} is truncated or altered ({file.stat().st_size} bytes, {size} when written)"
+    for name in sizes:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path / name), framework="pt") as handle:
+                    handle.keys()
+            except (SafetensorError, OSError) as error:
+                return f"{path / name} is unreadable ({error})"
+    return None
+
+
+def latest_complete(directory: str | Path, *, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``directory``; newer damaged ones are skipped with a warning."""
+    for path in reversed(step_folders(directory)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if warn:
+            warnings.warn(f"skipping damaged checkpoint: {problem}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def _rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    plain = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
+    }
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if device.type == "cuda" and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"], device)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of a scheduler / scaler state (tensors to numbers)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+class CheckpointManager:
+    """Save and restore the full training state of ``model`` / ``optimizer`` / ``scheduler`` under ``directory``.
+
+    ``model`` is the unwrapped module (no DDP or compile wrapper); ``scheduler`` any object with ``state_dict`` /
+    ``load_state_dict`` holding numbers and lists (PyTorch's learning-rate schedulers).
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        directory: str | Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        keep_last: int = 2,
+    ) -> None:
         if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+            raise ValueError(f"training.keep_last must be >= 1, got {keep_last}")
         self.accelerator = accelerator
         self.directory = Path(directory)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
         self.keep_last = keep_last
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))]
-        return [path for _, path in sorted(found)]
-
-    def latest(self) -> Path | None:
-        checkpoints = self.checkpoints()
-        return checkpoints[-1] if checkpoints else None
+        """Checkpoint folders, oldest first (see :func:`checkpoint_problem` for whether one is intact)."""
+        return step_folders(self.directory)
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Write a checkpoint of everything Accelerate tracks plus ``trainer_state``; returns its folder."""
+        """Write a checkpoint of the model, optimizer, scheduler, RNGs and ``trainer_state``; returns its folder."""
         accelerator = self.accelerator
         final = self.directory / f"step_{step:08d}"
         temporary = self.directory / f".tmp-step_{step:08d}"
+        rank = accelerator.process_index
         if accelerator.is_main_process:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(temporary, ignore_errors=True)  # left over by a run killed while saving
+            temporary.mkdir()
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
+        tensors, plain = _rng_state(accelerator.device)
+        save_file(tensors, str(temporary / f"rng_{rank}.safetensors"))
+        atomic_write_json(temporary / f"rng_{rank}.json", plain)
         if accelerator.is_main_process:
+            state = {name: value.detach().contiguous().cpu() for name, value in self.model.state_dict().items()}
+            save_file(state, str(temporary / MODEL_FILE))
+            torch.save(self.optimizer.state_dict(), temporary / OPTIMIZER_FILE)
+            if self.scheduler is not None:
+                atomic_write_json(temporary / SCHEDULER_FILE, _plain(self.scheduler.state_dict()))
+            if accelerator.scaler is not None:
+                atomic_write_json(temporary / SCALER_FILE, _plain(accelerator.scaler.state_dict()))
             atomic_write_json(temporary / TRAINER_STATE, {"step": step, **trainer_state})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            sizes = {p.name: p.stat().st_size for p in sorted(temporary.iterdir()) if not p.name.startswith(".")}
+            atomic_write_json(temporary / MANIFEST_FILE, sizes)
             if final.exists():  # re-saving the same step after a resume
                 shutil.rmtree(final)
             temporary.rename(final)
@@ -71,16 +198,56 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         return final
 
-    def load(self, checkpoint: str | Path | None = None) -> dict[str, Any] | None:
-        """Restore ``checkpoint`` (default: the latest) and return its trainer state; ``None`` if there is none."""
-        path = Path(checkpoint) if checkpoint is not None else self.latest()
-        if path is None:
-            return None
-        state_file = path / TRAINER_STATE
-        if not state_file.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a complete checkpoint (no {TRAINER_STATE}); pass a step_XXXXXXXX folder written "
-                "by CheckpointManager.save"
+    def restore(self, checkpoint: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+        """Restore ``checkpoint`` (a ``step_*`` folder) or, by default, the newest intact one.
+
+        Returns ``(folder, trainer state)``, or ``None`` when there is no checkpoint. A damaged newest checkpoint
+        is skipped with a warning naming the bad file; an explicitly named damaged one is an error.
+        """
+        if checkpoint is not None:
+            path = Path(checkpoint)
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise CheckpointError(f"cannot resume from {path}: {problem}")
+        else:
+            path = latest_complete(self.directory)
+            if path is None:
+                if self.checkpoints():
+                    problems = "; ".join(str(checkpoint_problem(p)) for p in self.checkpoints())
+                    raise CheckpointError(
+                        f"no intact checkpoint under {self.directory} ({problems}); remove the damaged folders or "
+                        "start a new run in another training.output_dir"
+                    )
+                return None
+        self._load(path)
+        return path, json.loads((path / TRAINER_STATE).read_text())
+
+    def _load(self, path: Path) -> None:
+        accelerator = self.accelerator
+        device = accelerator.device
+        self.model.load_state_dict(load_file(str(path / MODEL_FILE), device="cpu"))
+        optimizer_file = path / OPTIMIZER_FILE
+        try:
+            optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 (the unpickler's errors have no common base class)
+            raise CheckpointError(
+                f"refusing to load {optimizer_file}: it is not a plain optimizer state ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); only tensors and numbers are read from a "
+                "checkpoint, never code"
+            ) from error
+        self.optimizer.load_state_dict(optimizer_state)
+        if self.scheduler is not None and (path / SCHEDULER_FILE).is_file():
+            self.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+        if accelerator.scaler is not None and (path / SCALER_FILE).is_file():
+            accelerator.scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
+        rank = accelerator.process_index
+        rng_tensors, rng_plain = path / f"rng_{rank}.safetensors", path / f"rng_{rank}.json"
+        if rng_tensors.is_file() and rng_plain.is_file():
+            _set_rng_state(load_file(str(rng_tensors)), json.loads(rng_plain.read_text()), device)
+        else:
+            warnings.warn(
+                f"{path} has no RNG state for rank {rank} (saved with fewer processes): random numbers after the "
+                "resume differ from an uninterrupted run",
+                RuntimeWarning,
+                stacklevel=2,
             )
-        self.accelerator.load_state(str(path))
-        return json.loads(state_file.read_text())

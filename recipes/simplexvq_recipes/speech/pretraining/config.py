@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+
+from simplexvq import QuantizerSpec
+from simplexvq_recipes.training.settings import LOOP_RENAMED_KEYS, TrainingConfig
 
 PRESETS = ("base", "base_2x320", "tiny")
 
@@ -17,70 +19,6 @@ PRESETS = ("base", "base_2x320", "tiny")
 def _base_conv_layers() -> list[list[int]]:
     """Table 4: 512 channels, kernels 10-3-3-3-3-2-2, strides 5-2-2-2-2-2-2 (16 kHz -> 50 Hz)."""
     return [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
-
-
-@dataclass(kw_only=True)
-class QuantizerSection:
-    """Which registered quantizer quantizes the CNN features, and its size.
-
-    ``name`` is any :func:`simplexvq.available_quantizers` name (``softmax-knn_ce``, ``ste-euclid``,
-    ``hard_gumbel-perplexity``, ...). The quantizer works on ``groups * codebook_dim`` features, produced from the
-    CNN features by a linear projection. Fields left ``None`` keep the library's defaults.
-    """
-
-    name: str = "softmax-knn_ce"
-    groups: int = 1
-    codebook_size: int = 1024
-    codebook_dim: int = 256
-    """Dimension of one group's code vectors (Table 4 / section 4.2: 256 for 1 x 1024, 128 for 2 x 320)."""
-    knn_k: int | None = None
-    """K of eq. 13 per process (local KNN); the library default is 8."""
-    regularizer_weight: float | None = None
-    commitment_weight: float | None = None
-    distance: str | None = None
-    init_temperature: float | None = None
-    learnable_temperature: bool | None = None
-    gumbel_temperature: list[float] | None = None
-    """``[start, end, decay]`` of the Gumbel temperature (wav2vec 2.0 uses ``[2.0, 0.5, 0.999995]``)."""
-    knn_scope: str | None = None
-    """``local`` (per process, the paper) or ``global`` (neighbours searched across ranks)."""
-    memory_efficient: bool | None = None
-    """Stream the softmax quantizer and its KNN search in chunks, never holding the (N, M) probabilities."""
-    chunk_size: int | None = None
-    """Rows per chunk of the memory-efficient path (library default when unset)."""
-    vertex_subsample: int | None = None
-    """Regularize a random subset of this many vertices per step and group (the paper's section 5.3 workaround)."""
-
-    def build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`simplexvq.build_quantizer` (unset fields are left to the library)."""
-        kwargs: dict[str, Any] = {
-            "dim": self.groups * self.codebook_dim,
-            "groups": self.groups,
-            "codebook_size": self.codebook_size,
-        }
-        for name in (
-            "knn_k",
-            "regularizer_weight",
-            "commitment_weight",
-            "distance",
-            "init_temperature",
-            "learnable_temperature",
-            "knn_scope",
-            "memory_efficient",
-            "chunk_size",
-            "vertex_subsample",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                kwargs[name] = value
-        if self.gumbel_temperature is not None:
-            if len(self.gumbel_temperature) != 3:
-                raise ValueError(
-                    f"quantizer.gumbel_temperature must be [start, end, decay], got {self.gumbel_temperature}"
-                )
-            start, end, decay = self.gumbel_temperature
-            kwargs["gumbel_temperature"] = {"start": start, "end": end, "decay": decay}
-        return kwargs
 
 
 @dataclass(kw_only=True)
@@ -107,7 +45,13 @@ class ModelConfig:
     layer_drop: float = 0.05
     layer_norm_first: bool = False
     # pretraining head
-    quantizer: QuantizerSection = field(default_factory=QuantizerSection)
+    quantizer: QuantizerSpec = field(default_factory=lambda: QuantizerSpec(method="softmax-knn_ce", codebook_size=1024))
+    """Any registered quantizer and its options (:class:`simplexvq.QuantizerSpec`: ``method``, ``groups``,
+    ``codebook_size``, ``knn_k``, ``knn_scope``, ``memory_efficient``, ...); ``None`` options keep the library's
+    defaults. Its ``dim`` is ``groups * codebook_dim``, fixed by the model. With several processes an unset
+    ``knn_scope`` of a KNN method becomes ``global`` (neighbours across ranks, so a short batch cannot stop the run)."""
+    codebook_dim: int = 256
+    """Dimension of one group's code vectors (Table 4 / section 4.2: 256 for 1 x 1024, 128 for 2 x 320)."""
     final_dim: int = 256
     target_dropout: float = 0.1
     """Dropout on the CNN features before they are quantized (fairseq's ``dropout_features``)."""
@@ -124,6 +68,22 @@ class ModelConfig:
     """Weight of the quantizer's auxiliary loss (eq. 9 adds it with weight 1; each term is already weighted by
     ``quantizer.regularizer_weight`` / ``commitment_weight``)."""
     feature_penalty_weight: float = 10.0
+
+    @property
+    def groups(self) -> int:
+        """Codebooks of the quantizer (the spec's ``groups``, else the library's default)."""
+        return self.quantizer.groups if self.quantizer.groups is not None else 1
+
+    @property
+    def codebook_size(self) -> int:
+        if self.quantizer.codebook_size is None:
+            raise ValueError("set model.quantizer.codebook_size (entries per codebook)")
+        return self.quantizer.codebook_size
+
+    @property
+    def quantizer_dim(self) -> int:
+        """Features the quantizer sees: ``groups * codebook_dim``."""
+        return self.groups * self.codebook_dim
 
     @property
     def feature_dim(self) -> int:
@@ -175,32 +135,18 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.0
     warmup_steps: int = 32000
-    clip_grad_norm: float = 10.0
-    """Max global gradient norm; 0 disables clipping."""
 
 
 @dataclass(kw_only=True)
-class TrainingConfig:
-    """Loop, logging, validation and checkpoints."""
+class SpeechTrainingConfig(TrainingConfig):
+    """The shared loop's settings (:class:`~simplexvq_recipes.training.settings.TrainingConfig`) with the paper's
+    speech defaults."""
 
     output_dir: str = "runs/speech"
-    seed: int = 0
-    max_steps: int = 400_000
-    log_every: int = 50
-    valid_every: int = 5000
+    steps: int = 400_000
+    grad_clip_norm: float = 10.0
+    eval_every: int = 5000
     checkpoint_every: int = 5000
-    keep_last: int = 2
-    mixed_precision: str = "auto"
-    """``auto`` (bf16 on GPUs that support it, else fp16 on GPUs, float32 on CPU), ``no``, ``bf16`` or ``fp16``."""
-    progress_bar: bool = True
-    tensorboard: bool = True
-    resume: bool = True
-    """Continue from the newest complete checkpoint in ``output_dir`` if there is one."""
-    threads: int | None = None
-    """``torch.set_num_threads`` per process (``None``: PyTorch's default)."""
-    cpu: bool = False
-    """Train on the CPU even where GPUs are available (machines without GPUs always do, with gloo across
-    processes)."""
 
 
 @dataclass(kw_only=True)
@@ -210,7 +156,13 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: SpeechTrainingConfig = field(default_factory=SpeechTrainingConfig)
+
+    RENAMED_KEYS = {
+        **LOOP_RENAMED_KEYS,
+        "model.quantizer.name": "model.quantizer.method",
+        "model.quantizer.codebook_dim": "model.codebook_dim",
+    }
 
 
 def preset_path(name: str) -> Path:

@@ -17,9 +17,10 @@ quantized and the Transformer outputs must pick them out among distractors from 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchaudio
@@ -30,8 +31,9 @@ import simplexvq
 from simplexvq_recipes.speech.pretraining import losses as L
 from simplexvq_recipes.speech.pretraining.config import ModelConfig, PretrainConfig
 from simplexvq_recipes.speech.pretraining.masking import padding_mask, sample_distractors, span_mask
-from simplexvq_recipes.training.checkpoint import TRAINER_STATE
+from simplexvq_recipes.training.checkpoint import checkpoint_problem, latest_complete
 from simplexvq_recipes.training.config import load_config
+from simplexvq_recipes.training.quantizers import recipe_spec
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -117,12 +119,13 @@ def _bert_init(module: nn.Module) -> None:
 class Wav2Vec2Pretrainer(nn.Module):
     """wav2vec 2.0 with a simplexvq quantizer; ``wav2vec2`` alone is the exportable feature extractor."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, num_processes: int = 1) -> None:
         super().__init__()
         self.config = config
         self.wav2vec2 = build_wav2vec2(config)
-        quantizer_dim = config.quantizer.groups * config.quantizer.codebook_dim
-        self.quantizer = simplexvq.build_quantizer(config.quantizer.name, **config.quantizer.build_kwargs())
+        quantizer_dim = config.quantizer_dim
+        spec = recipe_spec(config.quantizer, num_processes, dim=quantizer_dim)
+        self.quantizer = spec.build(dim=quantizer_dim)
         self.quantizer_input = nn.Linear(config.feature_dim, quantizer_dim)
         """Projects the (layer-normalised) CNN features to the quantizer's ``groups * codebook_dim``."""
         self.project_q = nn.Linear(quantizer_dim, config.final_dim)
@@ -133,16 +136,23 @@ class Wav2Vec2Pretrainer(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     @property
     def num_groups(self) -> int:
-        return self.config.quantizer.groups
+        return self.config.groups
 
     @property
     def codebook_size(self) -> int:
-        return self.config.quantizer.codebook_size
+        return self.config.codebook_size
 
     def set_num_updates(self, num_updates: int) -> None:
-        """Forward the optimizer step to the quantizer (Gumbel temperature schedules)."""
-        if hasattr(self.quantizer, "set_num_updates"):
+        """Forward the optimizer step to the quantizer (Gumbel temperature schedules of the built-in quantizers)."""
+        if isinstance(self.quantizer, simplexvq.ProductQuantizer):
             self.quantizer.set_num_updates(num_updates)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each Transformer layer's activations in the backward pass instead of keeping them (less
+        memory, the same gradients: dropout is replayed with the saved RNG state). The parameters and the
+        ``state_dict`` are unchanged."""
+        for layer in self.wav2vec2.encoder.transformer.layers:
+            layer.forward = _checkpointed(layer.forward)
 
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         """Unpadded CNN frames of waveforms of ``lengths`` samples."""
@@ -268,6 +278,15 @@ class Wav2Vec2Pretrainer(nn.Module):
         )
 
 
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     was_training = module.training
@@ -278,27 +297,32 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def build_model(config: ModelConfig | PretrainConfig) -> Wav2Vec2Pretrainer:
-    """A freshly initialised :class:`Wav2Vec2Pretrainer` from a model or full recipe config."""
+def build_model(config: ModelConfig | PretrainConfig, num_processes: int = 1) -> Wav2Vec2Pretrainer:
+    """A freshly initialised :class:`Wav2Vec2Pretrainer` from a model or full recipe config; ``num_processes``
+    decides the quantizer's default neighbour scope (:func:`~simplexvq_recipes.training.quantizers.recipe_spec`)."""
     if isinstance(config, PretrainConfig):
         config = config.model
     if not isinstance(config, ModelConfig):
         raise TypeError(f"build_model expects a ModelConfig or PretrainConfig, got {type(config).__name__}")
-    return Wav2Vec2Pretrainer(config)
+    return Wav2Vec2Pretrainer(config, num_processes)
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint folder) of a run folder (its newest checkpoint) or of a ``step_*`` checkpoint."""
+    """(run folder, checkpoint folder) of a run folder (its newest intact checkpoint, the one a resumed run would
+    continue from) or of one ``step_*`` checkpoint folder."""
     path = Path(path)
-    if (path / TRAINER_STATE).is_file():
+    if path.name.startswith("step_") and (path / "trainer_state.json").exists():
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise FileNotFoundError(f"{path} is not an intact checkpoint: {problem}")
         return path.parent.parent, path
-    steps = sorted((path / CHECKPOINTS).glob("step_*")) if (path / CHECKPOINTS).is_dir() else []
-    if not steps:
+    checkpoint = latest_complete(path / CHECKPOINTS)
+    if checkpoint is None:
         raise FileNotFoundError(
-            f"{path} is neither a run folder with checkpoints/step_* nor a checkpoint folder written by the speech "
-            "recipe (with trainer_state.json)"
+            f"{path} is neither a run folder with an intact checkpoints/step_* nor a checkpoint folder written by the "
+            "speech recipe (with trainer_state.json)"
         )
-    return path, steps[-1]
+    return path, checkpoint
 
 
 def load_pretrained(
