@@ -29,12 +29,12 @@ STEPS = 100
 # A narrow 64x64xC-style model (reduction 4) on 16x16 photo tiles: 4x4 latent pixels of 8 channels, 32 codes.
 SMALL = [
     f"--config={CONFIG}",
-    "model.method=softmax-knn_ce",
+    "model.quantizer.method=softmax-knn_ce",
     "model.stem_channels=32",
     "model.channels=[32,16,8]",
     "model.strides=[2,2,1]",
-    "model.codebook_size=32",
-    "model.knn_k=4",
+    "model.quantizer.codebook_size=32",
+    "model.quantizer.knn_k=4",
     "data.image_size=16",
     "data.batch_size=16",
     "data.eval_batch_size=256",
@@ -50,7 +50,7 @@ SMALL = [
 
 
 def _train_command(output_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "simplexvq_recipes.vision.train", *SMALL, f"output_dir={output_dir}", *extra]
+    return [sys.executable, "-m", "simplexvq_recipes.vision.train", *SMALL, f"training.output_dir={output_dir}", *extra]
 
 
 def _environment(**extra: str) -> dict[str, str]:
@@ -134,7 +134,7 @@ def test_two_process_gloo_run_shards_data_and_evaluates_every_image_once(tmp_pat
         "-m",
         "simplexvq_recipes.vision.train",
         *SMALL,
-        f"output_dir={run}",
+        f"training.output_dir={run}",
         "training.steps=4",
         "training.checkpoint_every=2",
         "training.eval_at_start=false",

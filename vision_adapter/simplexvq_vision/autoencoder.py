@@ -25,22 +25,24 @@ class AutoencoderOutput:
 
 
 class DiscreteAutoencoder(nn.Module):
-    """Image autoencoder whose latent pixels are quantized by ``simplexvq.build_quantizer(config.method, ...)``.
+    """Image autoencoder whose latent pixels are quantized by the quantizer of ``config.quantizer`` (a
+    :class:`simplexvq.QuantizerSpec`). ``num_processes`` decides the default neighbour scope
+    (:meth:`AutoencoderConfig.build_quantizer`).
 
     The adapter adds image plumbing only: quantization, its losses and its statistics come from the quantizer.
     """
 
-    def __init__(self, config: AutoencoderConfig) -> None:
+    def __init__(self, config: AutoencoderConfig, num_processes: int = 1) -> None:
         super().__init__()
         config.validate()
         self.config = config
         self.encoder = build_encoder(config)
-        self.quantizer = simplexvq.build_quantizer(config.method, **config.quantizer_kwargs())
+        self.quantizer = config.build_quantizer(num_processes)
         self.decoder = ConvDecoder(config)
 
     def set_num_updates(self, num_updates: int) -> None:
-        """Forward the optimizer step to the quantizer (drives the Gumbel temperature schedule)."""
-        if hasattr(self.quantizer, "set_num_updates"):
+        """Forward the optimizer step to a built-in quantizer (drives the Gumbel temperature schedule)."""
+        if isinstance(self.quantizer, simplexvq.ProductQuantizer):
             self.quantizer.set_num_updates(num_updates)
 
     def encode(self, images: Tensor) -> Tensor:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from torch import nn
+
+from simplexvq import QuantizerSpec, built_in_quantizers
+from simplexvq.config import KNN_REGULARIZERS
 
 
 @dataclass(kw_only=True)
@@ -36,14 +42,12 @@ class AutoencoderConfig:
     """timm model name used as the encoder (``timm.create_model(name, features_only=True)``); None: the paper's."""
     backbone_pretrained: bool = False
     """Load the backbone's pretrained weights (timm downloads or reads them from its cache); never needed."""
-    method: str = "softmax-knn_ce"
-    """Any registered simplexvq quantizer name (``simplexvq.available_quantizers()``)."""
-    codebook_size: int = 1024
-    groups: int = 1
-    knn_k: int = 2
-    """K of eq. 13 per process; passed only to built-in methods with a KNN regularizer."""
-    quantizer_options: dict[str, Any] = field(default_factory=dict)
-    """Further keyword arguments of ``simplexvq.build_quantizer`` (e.g. ``regularizer_weight``)."""
+    quantizer: QuantizerSpec = field(
+        default_factory=lambda: QuantizerSpec(method="softmax-knn_ce", codebook_size=1024, knn_k=2)
+    )
+    """Any registered quantizer and its options (:class:`simplexvq.QuantizerSpec`: ``method``, ``codebook_size``,
+    ``groups``, ``knn_k``, ``knn_scope``, ``memory_efficient``, ...; ``None`` keeps the library's default). Its
+    ``dim`` is the latent channels ``channels[-1]``, fixed by the architecture."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,7 +59,9 @@ class AutoencoderConfig:
                 f"AutoencoderConfig: channels {list(self.channels)} and strides {list(self.strides)} must be non-empty "
                 "lists of the same length (one entry per encoder stage)"
             )
-        for name in ("image_channels", "stem_channels", "codebook_size", "groups", "knn_k", "norm_groups"):
+        if self.quantizer.codebook_size is None:
+            raise ValueError("AutoencoderConfig: set quantizer.codebook_size (entries per codebook)")
+        for name in ("image_channels", "stem_channels", "codebook_size", "groups", "norm_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AutoencoderConfig: {name} must be a positive integer, got {value!r}")
@@ -66,8 +72,23 @@ class AutoencoderConfig:
         if self.latent_channels % self.groups:
             raise ValueError(
                 f"AutoencoderConfig: latent channels {self.latent_channels} (channels[-1]) are not divisible by "
-                f"groups={self.groups}"
+                f"quantizer.groups={self.groups}"
             )
+        self.quantizer.validate(dim=self.latent_channels)
+
+    @property
+    def codebook_size(self) -> int:
+        """Entries per codebook (``quantizer.codebook_size``)."""
+        return self.quantizer.codebook_size
+
+    @property
+    def groups(self) -> int:
+        """Codebooks (``quantizer.groups``, else the library's default of 1)."""
+        return self.quantizer.groups if self.quantizer.groups is not None else 1
+
+    @property
+    def method(self) -> str:
+        return self.quantizer.method
 
     @property
     def latent_channels(self) -> int:
@@ -86,24 +107,35 @@ class AutoencoderConfig:
             raise ValueError(f"image size {height}x{width} is not divisible by the encoder's reduction {r}")
         return height // r, width // r, self.latent_channels
 
-    def quantizer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``simplexvq.build_quantizer(self.method, ...)``."""
-        kwargs: dict[str, Any] = dict(dim=self.latent_channels, codebook_size=self.codebook_size, groups=self.groups)
-        if "knn" in self.method:
-            kwargs["knn_k"] = self.knn_k
-        kwargs.update(self.quantizer_options)
-        return kwargs
+    def build_quantizer(self, num_processes: int = 1) -> nn.Module:
+        """The quantizer of :attr:`quantizer` on ``latent_channels`` features. With several processes an unset
+        ``knn_scope`` of a KNN method searches the neighbours across ranks (a short batch cannot stop the run)."""
+        spec = self.quantizer
+        if num_processes > 1 and spec.knn_scope is None and spec.method in built_in_quantizers():
+            if spec.config(dim=self.latent_channels).regularizer in KNN_REGULARIZERS:
+                spec = spec.replace(knn_scope="global")
+        return spec.build(dim=self.latent_channels)
 
 
 # Table 3 of the paper: latent channels and resolutions after the input convolution (3 -> 256 channels) at
-# 256 x 256 input. Codebook sizes are the paper's (8196, sic). K per process: the paper's K = 2 x 4 and 8 x 4 on
-# four GPUs, i.e. 2 and 8 neighbours per GPU (section 4.1).
+# 256 x 256 input. Codebook sizes are the paper's (8196, sic). K: the paper's K = 2 x 4 and 8 x 4 on four GPUs,
+# i.e. 2 and 8 neighbours per GPU (section 4.1).
 PRESETS: dict[str, AutoencoderConfig] = {
     "16x16x32": AutoencoderConfig(
-        channels=[128, 128, 64, 64, 32, 32], strides=[1, 2, 2, 2, 2, 1], codebook_size=1024, knn_k=2
+        channels=[128, 128, 64, 64, 32, 32],
+        strides=[1, 2, 2, 2, 2, 1],
+        quantizer=QuantizerSpec(method="softmax-knn_ce", codebook_size=1024, knn_k=2),
     ),
-    "64x64x3": AutoencoderConfig(channels=[128, 64, 32, 3], strides=[1, 2, 2, 1], codebook_size=8196, knn_k=8),
-    "64x64x32": AutoencoderConfig(channels=[128, 64, 32, 32], strides=[1, 2, 2, 1], codebook_size=8196, knn_k=8),
+    "64x64x3": AutoencoderConfig(
+        channels=[128, 64, 32, 3],
+        strides=[1, 2, 2, 1],
+        quantizer=QuantizerSpec(method="softmax-knn_ce", codebook_size=8196, knn_k=8),
+    ),
+    "64x64x32": AutoencoderConfig(
+        channels=[128, 64, 32, 32],
+        strides=[1, 2, 2, 1],
+        quantizer=QuantizerSpec(method="softmax-knn_ce", codebook_size=8196, knn_k=8),
+    ),
 }
 
 
@@ -111,4 +143,4 @@ def preset(name: str, **overrides: Any) -> AutoencoderConfig:
     """A copy of the named Table 3 preset with ``overrides`` (any :class:`AutoencoderConfig` field) applied."""
     if name not in PRESETS:
         raise KeyError(f"unknown autoencoder preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return dataclasses.replace(PRESETS[name], **{"quantizer": copy.deepcopy(PRESETS[name].quantizer), **overrides})

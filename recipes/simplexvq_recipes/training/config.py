@@ -41,7 +41,8 @@ def check_renamed(keys: Sequence[str], renamed: Mapping[str, str], source: str) 
         for old, new in renamed.items():
             if key == old or key.startswith(old + "."):
                 rest = key[len(old) :]
-                raise ValueError(f"{source}: {key} was renamed; use {new}{rest if new.endswith('.') else rest}")
+                suggestion = new + (rest.lstrip(".") or "<option>") if new.endswith(".") else new + rest
+                raise ValueError(f"{source}: {key} was renamed; use {suggestion}")
 
 
 def load_config(config_class: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

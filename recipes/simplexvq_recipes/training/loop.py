@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -176,6 +176,7 @@ def make_accelerator(settings: TrainingConfig, find_unused_parameters: bool = Fa
         project_dir=settings.output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # shuffles given (seed, epoch)
     )
     check_launch(accelerator)
     return accelerator
@@ -207,8 +208,8 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
     log = RunLog(accelerator, run_dir)
     set_seed(settings.seed)
     model = task.build_model(accelerator)
+    data = task.train_data(accelerator)  # samplers seeded identically on every rank
     set_seed(settings.seed, device_specific=True)  # different masks and dropout on each rank from here on
-    data = task.train_data(accelerator)
     optimizer = task.build_optimizer(model)
     accumulation = settings.grad_accumulation
     steps_per_epoch = len(data) // accumulation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from simplexvq_recipes.training.settings import LOOP_RENAMED_KEYS, TrainingConfig
 from simplexvq_vision import AutoencoderConfig
 from simplexvq_vision.data import BAD_IMAGE_POLICIES, NORMALIZATIONS
 
@@ -58,8 +59,6 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     warmup_steps: int = 16_000
     final_lr_ratio: float = 0.5
-    grad_clip_norm: float = 0.0
-    """0: no clipping."""
 
     def resolved(self, method: str) -> tuple[float, float]:
         """(peak lr, weight decay) for ``method``, applying the paper's per-method defaults."""
@@ -69,22 +68,15 @@ class OptimConfig:
         return lr, weight_decay
 
 
-@dataclass
-class TrainingConfig:
+@dataclass(kw_only=True)
+class VisionTrainingConfig(TrainingConfig):
+    """The shared loop's settings (:class:`~simplexvq_recipes.training.settings.TrainingConfig`) with the image
+    recipe's defaults, plus the size of the reconstruction grid."""
+
+    output_dir: str = "runs/vision"
     epochs: int = 25
-    steps: int = 0
-    """> 0: train this many optimizer steps instead of ``epochs`` epochs."""
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 2000
-    """Validate (code usage, rMSE, PSNR; PNG grid and histogram) every this many steps; 0: only at the end."""
-    eval_at_start: bool = True
-    """Also validate the untrained model at step 0 (the starting point of the curves)."""
-    eval_max_batches: int = 0
-    """Validation batches per process during training; 0: the whole validation set."""
-    checkpoint_every: int = 2000
-    keep_last: int = 2
     grid_images: int = 8
+    """Validation images shown in ``reconstructions.png``."""
 
 
 @dataclass
@@ -102,18 +94,30 @@ class EvalConfig:
 
 @dataclass
 class VisionRecipeConfig:
-    """Everything one training run needs; saved as ``<output_dir>/config.yaml`` for the evaluate command."""
+    """Everything one training run needs; saved as ``<training.output_dir>/config.yaml`` for the evaluate command."""
 
-    output_dir: str = "runs/vision"
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: VisionTrainingConfig = field(default_factory=VisionTrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    RENAMED_KEYS = {
+        **LOOP_RENAMED_KEYS,
+        "model.method": "model.quantizer.method",
+        "model.knn_k": "model.quantizer.knn_k",
+        "model.codebook_size": "model.quantizer.codebook_size",
+        "model.groups": "model.quantizer.groups",
+        "model.quantizer_options": "model.quantizer.",
+    }
 
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()
         self.model.latent_shape(self.data.image_size)  # image size divisible by the encoder's reduction
-        if self.training.steps < 0 or self.training.epochs < 1 and self.training.steps == 0:
-            raise ValueError("set training.epochs >= 1 or training.steps >= 1")
+        self.training.validate()
+        if self.training.activation_checkpointing:
+            raise ValueError(
+                "training.activation_checkpointing applies to Transformer layers; the image autoencoder has none "
+                "(set it to false)"
+            )

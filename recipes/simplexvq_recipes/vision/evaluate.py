@@ -1,6 +1,6 @@
 """Evaluate a trained autoencoder checkpoint on the validation set; write JSON and a Markdown row of Table 1.
 
-    python -m simplexvq_recipes.vision.evaluate --run-dir runs/16x16x32-softmax-knn_ce \\
+    python -m simplexvq_recipes.vision.evaluate --run-dir runs/16x16x32-knn_ce \\
         [--checkpoint runs/.../checkpoints/step_00500000] [eval.inception_weights=/path/inception.pth] [data.root=...]
 
 Reads ``<run-dir>/config.yaml`` (``key=value`` arguments override it) and the newest checkpoint unless one is
@@ -22,8 +22,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
-from simplexvq_recipes.training.checkpoint import TRAINER_STATE, CheckpointManager
+from simplexvq_recipes.training.checkpoint import TRAINER_STATE, checkpoint_problem, latest_complete
+from simplexvq_recipes.training.cli import run_cli
 from simplexvq_recipes.training.config import load_config
+from simplexvq_recipes.training.loop import CHECKPOINTS
 from simplexvq_recipes.training.plots import plot_code_histogram
 from simplexvq_recipes.vision.config import VisionRecipeConfig
 from simplexvq_recipes.vision.data import build_dataset, build_loader
@@ -58,9 +60,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = load_config(VisionRecipeConfig, config_file, args.overrides)
     config.validate()
     accelerator = Accelerator()
-    checkpoint = args.checkpoint or CheckpointManager(accelerator, args.run_dir / "checkpoints").latest()
+    checkpoint = args.checkpoint or latest_complete(args.run_dir / CHECKPOINTS)
     if checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint under {args.run_dir / 'checkpoints'}")
+        raise FileNotFoundError(f"no intact checkpoint under {args.run_dir / CHECKPOINTS}")
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise FileNotFoundError(f"{checkpoint} is not an intact checkpoint: {problem}")
     state_file = checkpoint / TRAINER_STATE
     step = json.loads(state_file.read_text())["step"] if state_file.is_file() else None
 
@@ -85,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     height, width, channels = config.model.latent_shape(config.data.image_size)
     metrics = {
-        "method": config.model.method,
+        "method": config.model.quantizer.method,
         "checkpoint": str(checkpoint),
         "step": step,
         "image_size": config.data.image_size,
@@ -99,10 +104,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         name = checkpoint.name
         atomic_write_json(output_dir / f"{name}.json", metrics)
         atomic_write_text(output_dir / f"{name}.md", metrics["markdown"])
-        plot_code_histogram(result.counts, output_dir / f"{name}_code_histogram.png", title=config.model.method)
+        plot_code_histogram(result.counts, output_dir / f"{name}_code_histogram.png", title=config.model.quantizer.method)
         print(metrics["markdown"], end="")
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
