@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchaudio
 
-from simplexvq_recipes.speech.pretraining.config import ModelConfig, PretrainConfig, QuantizerSection, preset_path
+import simplexvq
+from simplexvq import QuantizerSpec
+from simplexvq.spec import OPTION_NAMES
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from quantizer_options import OPTION_VALUES, configured_value, option_value  # noqa: E402
+
+from simplexvq_recipes.speech.pretraining.config import ModelConfig, PretrainConfig, preset_path
 from simplexvq_recipes.speech.pretraining.losses import (
     contrastive_logits,
     contrastive_loss,
@@ -45,7 +54,8 @@ def micro_config(**quantizer) -> ModelConfig:
         pos_conv_groups=2,
         final_dim=16,
         num_negatives=10,
-        quantizer=QuantizerSection(**{"codebook_size": 8, "codebook_dim": 8, "knn_k": 2, **quantizer}),
+        codebook_dim=8,
+        quantizer=QuantizerSpec(**{"method": "softmax-knn_ce", "codebook_size": 8, "knn_k": 2, **quantizer}),
     )
 
 
@@ -159,9 +169,10 @@ def test_presets_follow_table4():
     assert (model.dropout, model.layer_drop, model.mask_prob, model.mask_length) == (0.1, 0.05, 0.065, 10)
     assert (model.num_negatives, model.logit_temperature) == (100, 0.1)
     q = model.quantizer
-    assert (q.name, q.groups, q.codebook_size, q.codebook_dim) == ("softmax-knn_ce", 1, 1024, 256)
-    q2 = load_config(PretrainConfig, preset_path("base_2x320")).model.quantizer
-    assert (q2.groups, q2.codebook_size, q2.codebook_dim) == (2, 320, 128)
+    assert (q.method, q.groups, q.codebook_size, q.knn_k, model.codebook_dim) == ("softmax-knn_ce", 1, 1024, 2, 256)
+    model2 = load_config(PretrainConfig, preset_path("base_2x320")).model
+    assert (model2.quantizer.groups, model2.quantizer.codebook_size, model2.codebook_dim) == (2, 320, 128)
+    assert model2.quantizer_dim == 256
     assert base.data.crop_samples == 250_000 and base.optim.betas == [0.9, 0.99] and base.optim.weight_decay == 0
     assert base.optim.final_lr / base.optim.lr == pytest.approx(0.01)
 
@@ -232,7 +243,7 @@ def test_forward_return_codes_matches_encode():
 @pytest.mark.parametrize("method", TABLE2_METHODS)
 def test_every_table2_quantizer_trains_a_step(method):
     torch.manual_seed(0)
-    model = build_model(micro_config(name=method, gumbel_temperature=[2.0, 0.5, 0.9]))
+    model = build_model(micro_config(method=method, gumbel_temperature={"start": 2.0, "end": 0.5, "decay": 0.9}))
     model.set_num_updates(10)
     if "gumbel" in method:
         assert model.quantizer.gumbel_temperature == pytest.approx(max(2.0 * 0.9**10, 0.5))
@@ -250,16 +261,76 @@ def test_every_table2_quantizer_trains_a_step(method):
     assert "quantizer.codebook.weight" in changed and "mask_embedding" in changed
 
 
-def test_quantizer_section_passes_only_set_fields():
-    section = QuantizerSection(name="hard_gumbel-perplexity", groups=2, codebook_size=320, codebook_dim=128)
-    assert section.build_kwargs() == {"dim": 256, "groups": 2, "codebook_size": 320}
-    section.gumbel_temperature = [2.0, 0.5, 0.999995]
-    section.regularizer_weight = 0.1
-    kwargs = section.build_kwargs()
-    assert kwargs["gumbel_temperature"] == {"start": 2.0, "end": 0.5, "decay": 0.999995}
-    assert kwargs["regularizer_weight"] == 0.1
-    section.vertex_subsample, section.chunk_size, section.memory_efficient = 128, 256, True
-    kwargs = section.build_kwargs()
-    assert (kwargs["vertex_subsample"], kwargs["chunk_size"], kwargs["memory_efficient"]) == (128, 256, True)
+def test_a_bad_method_name_gets_the_cores_message():
     with pytest.raises(KeyError, match="Did you mean"):
-        build_model(micro_config(name="softmax-knn-ce"))
+        build_model(micro_config(method="softmax-knn-ce"))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Dropout on, same seed: the recomputed forward replays the same dropout masks."""
+    config = micro_config()
+    config.dropout = config.attention_dropout = 0.2
+    waveforms, lengths = torch.randn(2, 8000) * 0.1, torch.tensor([8000, 6000])
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config)
+        if checkpointing:
+            model.enable_activation_checkpointing()
+        torch.manual_seed(1)
+        out = model(waveforms, lengths, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        results.append(
+            (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
+    assert any("transformer.layers" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert list(model.state_dict()) == list(build_model(config).state_dict())  # same keys: checkpoints load
+
+
+def test_option_values_cover_every_core_option():
+    assert set(OPTION_VALUES) == set(OPTION_NAMES)
+
+
+@pytest.mark.parametrize("option", OPTION_NAMES)
+def test_every_core_quantizer_option_reaches_the_quantizer_from_the_command_line(option):
+    method = "hard_gumbel-knn_ce" if option == "regularize_samples" else "softmax-knn_ce"
+    overrides = [f"model.quantizer.method={method}", f"model.quantizer.{option}={OPTION_VALUES[option]}"]
+    config = load_config(PretrainConfig, preset_path("tiny"), overrides)
+    model = build_model(config)
+    expected = option_value(option)
+    assert configured_value(model.quantizer.config, option) == expected
+    default = simplexvq.quantizer_config(method, dim=64, codebook_size=64)
+    assert configured_value(default, option) != expected
+
+
+def test_quantizer_options_from_yaml_and_the_core_validation(tmp_path):
+    yaml = tmp_path / "q.yaml"
+    yaml.write_text("model:\n  quantizer:\n    method: softmax-knn_ce\n    memory_efficient: true\n    chunk_size: 9\n")
+    model = build_model(load_config(PretrainConfig, yaml, ["model.codebook_dim=8"]))
+    assert (model.quantizer.config.memory_efficient, model.quantizer.config.chunk_size) == (True, 9)
+    with pytest.raises(ValueError, match="knn_scope='global'"):
+        build_model(
+            load_config(
+                PretrainConfig,
+                yaml,
+                [
+                    "model.quantizer.method=ste-euclid",
+                    "model.quantizer.knn_scope=global",
+                    "model.quantizer.memory_efficient=null",
+                    "model.quantizer.chunk_size=null",
+                ],
+            )
+        )
+
+
+def test_several_processes_search_neighbours_across_ranks_by_default():
+    config = micro_config()
+    assert build_model(config, num_processes=2).quantizer.config.knn_scope == "global"
+    assert build_model(config, num_processes=1).quantizer.config.knn_scope == "local"
+    config.quantizer.knn_scope = "local"
+    assert build_model(config, num_processes=2).quantizer.config.knn_scope == "local"  # explicit wins
+    assert build_model(micro_config(method="ste-euclid"), num_processes=2).quantizer.config.knn_scope == "local"

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import simplexvq
+from simplexvq import QuantizerSpec
+from simplexvq.spec import OPTION_NAMES
+from simplexvq_recipes.training.config import load_config
+from simplexvq_recipes.vision.config import VisionRecipeConfig
 from simplexvq_vision import PRESETS, AutoencoderConfig, DiscreteAutoencoder, preset
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from quantizer_options import OPTION_VALUES, configured_value, option_value  # noqa: E402
+
+PHOTOS_DEMO = Path(__file__).parents[1] / "recipes" / "simplexvq_recipes" / "configs" / "vision" / "photos_demo.yaml"
 
 # Table 3: feature map H x W x C at 256 x 256 input, codebook size M; K per GPU from section 4.1 (K/4 of 2x4, 8x4).
 TABLE3 = {"16x16x32": ((16, 16, 32), 1024, 2), "64x64x3": ((64, 64, 3), 8196, 8), "64x64x32": ((64, 64, 32), 8196, 8)}
@@ -19,7 +31,7 @@ def test_preset_latents_match_table3_at_256(name):
     (h, w, c), codebook_size, knn_k = TABLE3[name]
     config = preset(name)
     assert config.latent_shape(256) == (h, w, c)
-    assert (config.codebook_size, config.knn_k, config.stem_channels) == (codebook_size, knn_k, 256)
+    assert (config.codebook_size, config.quantizer.knn_k, config.stem_channels) == (codebook_size, knn_k, 256)
     with torch.device("meta"):  # full resolution without allocating anything
         model = DiscreteAutoencoder(config)
         latents = model.encoder(torch.empty(2, 3, 256, 256))
@@ -69,12 +81,12 @@ def test_each_preset_forward_backward_at_reduced_resolution(name):
     assert hard.quantizer.indices.min() >= 0 and hard.quantizer.indices.max() < config.codebook_size
 
 
-TINY = dict(stem_channels=16, channels=[16, 8, 8], strides=[2, 2, 1], norm_groups=4, codebook_size=16, knn_k=2)
+TINY = dict(stem_channels=16, channels=[16, 8, 8], strides=[2, 2, 1], norm_groups=4)
 
 
 @pytest.mark.parametrize("method", ["ste-euclid", "rotation-cosine", "hard_gumbel-perplexity", "simvq"])
 def test_any_registered_method_quantizes_every_latent_pixel(method):
-    config = AutoencoderConfig(**TINY, method=method, groups=2)
+    config = AutoencoderConfig(**TINY, quantizer=QuantizerSpec(method=method, codebook_size=16, groups=2))
     model = DiscreteAutoencoder(config)
     out = model(torch.randn(3, 3, 16, 16))
     assert out.quantizer.indices.shape == (3, 4, 4, 2)
@@ -104,7 +116,9 @@ def rounding_method():
 
 
 def test_third_party_registered_quantizer_is_used(rounding_method):
-    model = DiscreteAutoencoder(AutoencoderConfig(**TINY, method=rounding_method))
+    model = DiscreteAutoencoder(
+        AutoencoderConfig(**TINY, quantizer=QuantizerSpec(method=rounding_method, codebook_size=16))
+    )
     assert isinstance(model.quantizer, _RoundingQuantizer)
     out = model(torch.randn(2, 3, 16, 16))
     assert torch.equal(out.quantizer.quantized, out.latents.permute(0, 2, 3, 1).round())
@@ -126,11 +140,37 @@ def test_timm_backbone_encoder_picks_the_feature_map_at_the_presets_reduction():
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="same length"):
         AutoencoderConfig(channels=[8, 4], strides=[2])
-    with pytest.raises(ValueError, match="divisible by groups"):
-        AutoencoderConfig(channels=[8, 3], strides=[2, 1], groups=2)
+    with pytest.raises(ValueError, match="divisible by quantizer.groups=2"):
+        AutoencoderConfig(channels=[8, 3], strides=[2, 1], quantizer=QuantizerSpec(codebook_size=8, groups=2))
+    with pytest.raises(KeyError, match="Did you mean"):
+        AutoencoderConfig(**TINY, quantizer=QuantizerSpec(method="softmax-knn-ce", codebook_size=8))
     with pytest.raises(KeyError, match="16x16x32"):
         preset("32x32x4")
     model = DiscreteAutoencoder(AutoencoderConfig(**TINY))
     with pytest.raises(ValueError, match="not divisible by the encoder's reduction 4"):
         model(torch.randn(1, 3, 18, 18))
     assert set(PRESETS) == set(TABLE3)
+
+
+@pytest.mark.parametrize("option", OPTION_NAMES)
+def test_every_core_quantizer_option_reaches_the_quantizer_from_the_command_line(option):
+    method = "hard_gumbel-knn_ce" if option == "regularize_samples" else "softmax-knn_ce"
+    overrides = [f"model.quantizer.method={method}", f"model.quantizer.{option}={OPTION_VALUES[option]}"]
+    config = load_config(VisionRecipeConfig, PHOTOS_DEMO, overrides)
+    model = DiscreteAutoencoder(config.model)
+    expected = option_value(option)
+    assert configured_value(model.quantizer.config, option) == expected
+    default = simplexvq.quantizer_config(method, dim=8, codebook_size=64)
+    assert configured_value(default, option) != expected
+
+
+def test_presets_state_k_explicitly_and_several_processes_default_to_global_neighbours(tmp_path):
+    config = load_config(VisionRecipeConfig, PHOTOS_DEMO)
+    assert (config.model.quantizer.knn_k, config.model.quantizer.knn_scope) == (8, None)
+    assert DiscreteAutoencoder(config.model, num_processes=2).quantizer.config.knn_scope == "global"
+    assert DiscreteAutoencoder(config.model).quantizer.config.knn_scope == "local"
+    yaml = tmp_path / "q.yaml"
+    yaml.write_text("model:\n  quantizer:\n    knn_scope: local\n    memory_efficient: true\n")
+    config = load_config(VisionRecipeConfig, yaml)
+    quantizer = DiscreteAutoencoder(config.model, num_processes=2).quantizer.config
+    assert (quantizer.knn_scope, quantizer.memory_efficient, quantizer.knn_k) == ("local", True, 2)
