@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from simplexvq_recipes.speech.data.audio import AudioReadError
 from simplexvq_recipes.speech.data.manifest import ManifestEntry, read_manifest, write_manifest
 from simplexvq_recipes.speech.pretraining import train as train_module
 from simplexvq_recipes.speech.pretraining.model import load_pretrained
+from simplexvq_recipes.training.checkpoint import latest_complete
 
 CORPUS = Path(__file__).parent / "scripts" / "speech_corpus.py"
 FAST = [
@@ -37,6 +39,7 @@ FAST = [
     "training.threads=1",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # end-to-end runs of the recipe
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +88,10 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / "step_00000010" / "model.safetensors"))
 
 
-def _history(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())["history"]
+def _history(run_dir: Path, timing: bool = False) -> list[dict]:
+    """Every logged row of the final checkpoint (without the wall-clock ``seconds_per_step`` unless ``timing``)."""
+    rows = json.loads((run_dir / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())["history"]
+    return rows if timing else [{k: v for k, v in row.items() if not k.endswith("seconds_per_step")} for row in rows]
 
 
 def test_run_writes_everything_users_expect(unbroken_run, corpus):
@@ -94,7 +99,7 @@ def test_run_writes_everything_users_expect(unbroken_run, corpus):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000008", "step_00000010"]
     for name in ("config.yaml", "results.json", "code_usage.png", "code_usage_train.png", "code_histogram.png"):
         assert (run / name).is_file(), name
-    assert json.loads((run / "history.json").read_text()) == _history(run)  # every logged row, as checkpointed
+    assert json.loads((run / "history.json").read_text()) == _history(run, timing=True)  # every logged row, as checkpointed
     assert (run / "code_usage.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((run / "results.json").read_text())
     assert results["quantizer"] == "softmax-knn_ce" and results["step"] == 10
@@ -172,7 +177,11 @@ def test_sigkill_then_resume_reaches_the_same_parameters(unbroken_run, corpus, t
 
 
 def test_two_gloo_processes_end_to_end(corpus, tmp_path):
+    """Neighbours across ranks (the multi-process default) and a validation split of one utterance, so that only
+    rank 0 has a validation batch: every collective must still be met on both ranks."""
     run_dir = tmp_path / "ddp"
+    manifest = read_manifest(corpus / "valid.tsv")
+    write_manifest(corpus / "valid_one.tsv", manifest.root, manifest.entries[:1])
     command = [
         sys.executable,
         "-m",
@@ -191,24 +200,41 @@ def test_two_gloo_processes_end_to_end(corpus, tmp_path):
             "training.eval_every=4",
             "optim.warmup_steps=2",
             "model.layer_drop=0.5",  # layers skipped differently on each rank: DDP must cope with unused parameters
+            "data.valid_subset=valid_one",
         )[3:],
     ]
     result = _run(command)
     assert result.stdout.count("step 4: validation code usage") == 1  # printed by the main process only
     checkpoint = run_dir / "checkpoints" / "step_00000004"
-    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"rng_0.safetensors", "rng_1.safetensors", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
     results = json.loads((run_dir / "results.json").read_text())
     assert results["step"] == 4
-    # the validation split is sharded without duplicates: the frames of both ranks add up to the whole split
-    valid = read_manifest(corpus / "valid.tsv")
-    model, _ = load_pretrained(run_dir)
-    samples = torch.tensor([min(e.num_samples, 16000) for e in valid.entries if e.num_samples >= 4000])
+    # the one validation utterance was counted once, by rank 0
+    model, config = load_pretrained(run_dir)
+    samples = torch.tensor([min(e.num_samples, 16000) for e in manifest.entries[:1]])
     assert results["val_frames"] == [float(model.frame_lengths(samples).sum())]
+    assert "knn_scope=global" in (run_dir / "train.log").read_text()  # the default with several processes
+    assert config.model.quantizer.knn_scope is None
     history = json.loads((checkpoint / "trainer_state.json").read_text())["history"]
     assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in history if "train/loss" in row)
     # one schedule step per optimizer step (not one per process): peak after the 2 warmup steps, floor at the end
     lr = {int(row["step"]): row["train/lr"] for row in history if "train/lr" in row}
     assert lr[2] == pytest.approx(1e-3) and lr[4] == pytest.approx(1e-5)
+
+
+def test_load_pretrained_and_the_trainer_agree_on_a_truncated_newest_checkpoint(unbroken_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(unbroken_run, run)
+    newest = run / "checkpoints" / "step_00000010" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(RuntimeWarning, match="step_00000010/model.safetensors is truncated"):
+        model, _ = load_pretrained(run)
+    with pytest.warns(RuntimeWarning, match="step_00000010/model.safetensors"):
+        assert latest_complete(run / "checkpoints").name == "step_00000008"  # what the trainer resumes from
+    for name, value in load_file(str(run / "checkpoints" / "step_00000008" / "model.safetensors")).items():
+        assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(FileNotFoundError, match="step_00000010/model.safetensors is truncated"):
+        load_pretrained(run / "checkpoints" / "step_00000010")
 
 
 def test_missing_audio_file_stops_with_its_name(corpus, tmp_path):

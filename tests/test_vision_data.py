@@ -81,8 +81,9 @@ def test_corrupt_and_missing_files_raise_an_error_naming_them(image_folder):
     corrupt = dataset.samples[1][0]
     with open(corrupt, "wb") as file:
         file.write(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(UnreadableImageError, match=re.escape(corrupt)):
+    with pytest.raises(UnreadableImageError, match=re.escape(corrupt)) as error:
         dataset[1]
+    assert "data.on_bad_image=skip" in str(error.value)  # the recipe option that skips such files
     missing = dataset.samples[2][0]
     (image_folder / "val" / missing).unlink()
     with pytest.raises(UnreadableImageError, match=re.escape(missing)):

@@ -85,7 +85,10 @@ class ImageFolderDataset(datasets.ImageFolder):
             image = self.loader(path)
             return self.transform(image) if self.transform is not None else image
         except (OSError, ValueError, SyntaxError) as error:  # PIL: missing, truncated, unidentified
-            raise UnreadableImageError(f"cannot read image file {path}: {type(error).__name__}: {error}") from error
+            raise UnreadableImageError(
+                f"cannot read image file {path}: {type(error).__name__}: {error}; to skip unreadable images with a "
+                "warning instead, pass on_bad_image='skip' (the vision recipe's data.on_bad_image=skip)"
+            ) from error
 
     def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
         if self.on_bad_image == "error":
