@@ -296,7 +296,8 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
             step += 1
             progress.update(1)
             last = step == total_steps
-            if _due(step, settings.log_every) or last:
+            # also at checkpoints, so that a resumed run averages the same intervals as an unbroken one
+            if _due(step, settings.log_every) or _due(step, settings.checkpoint_every) or last:
                 metrics = {
                     **interval.compute(accelerator),
                     **step_metrics.compute(accelerator),
