@@ -6,7 +6,7 @@ trained through the project's real recipes on real data that exists offline.
     python benchmarks/reproduce.py --dry-run              # print the commands only
 
 Each run is one ``python -m simplexvq_recipes.<speech|vision>.train`` (or ``torchrun`` for the 2-process runs) in
-its own folder under ``--out``; a finished run (its ``results.json`` / ``final_metrics.json`` exists) is not run
+its own folder under ``--out``; a finished run (its ``results.json`` exists) is not run
 again, an interrupted one resumes from its last checkpoint, and runs with identical settings are shared between
 studies. Each study writes ``<results>/<study>.json`` and ``.md`` (one row per run) and PNG plots (code usage
 over training; final usage). Studies (see :data:`STUDIES`):
@@ -41,9 +41,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from simplexvq_recipes.patch_demo import TABLE1_METHODS  # noqa: E402
-from simplexvq_recipes.speech.pretraining.train import RESULTS_FILE  # noqa: E402
+from simplexvq_recipes.training.loop import RESULTS_FILE  # noqa: E402
 from simplexvq_recipes.training.tracking import HISTORY_FILE  # noqa: E402
-from simplexvq_recipes.vision.train import FINAL_METRICS_FILE  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -115,16 +114,16 @@ def speech_run(
         size = {"groups": int(count), "codebook_size": int(entries), "codebook_dim": int(dim)}
     overrides = (
         f"data.manifest_dir={settings.corpus}",
-        f"model.quantizer.name={method}",
+        f"model.quantizer.method={method}",
         f"model.quantizer.groups={size['groups']}",
         f"model.quantizer.codebook_size={size['codebook_size']}",
-        f"model.quantizer.codebook_dim={size['codebook_dim']}",
+        f"model.codebook_dim={size['codebook_dim']}",
         f"model.quantizer.knn_k={knn_k}",
         f"data.batch_size={batch}",
         "data.crop_samples=64000",
-        f"training.max_steps={steps}",
+        f"training.steps={steps}",
         f"optim.warmup_steps={max(1, steps // 10)}",
-        f"training.valid_every={max(1, steps // 2)}",
+        f"training.eval_every={max(1, steps // 2)}",
         "training.log_every=10",
         f"training.checkpoint_every={max(1, steps // 2)}",
         "training.threads=1",
@@ -140,7 +139,7 @@ def speech_run(
 def vision_run(settings: Settings, method: str) -> Run:
     """The 8x8x32 / M = 1024 photo autoencoder trained with ``method``."""
     overrides = (
-        f"model.method={method}",
+        f"model.quantizer.method={method}",
         f"training.steps={settings.vision_steps}",
         f"training.eval_every={max(1, settings.vision_steps // 2)}",
         f"training.checkpoint_every={max(1, settings.vision_steps // 2)}",
@@ -202,7 +201,8 @@ def study_runs(study: str, settings: Settings) -> list[Run]:
         runs = []
         for method in ("hard_gumbel-perplexity",):
             for tau in (0.5, 1.0, 2.0):
-                extra = [] if tau == 1.0 else [f"model.quantizer.gumbel_temperature=[{tau},{tau},1.0]"]
+                schedule = f"{{start: {tau}, end: {tau}, decay: 1.0}}"
+                extra = [] if tau == 1.0 else [f"model.quantizer.gumbel_temperature={schedule}"]
                 tag = "" if tau == 1.0 else f"-tau{tau:g}"
                 runs.append(speech_run(settings, method, extra=extra, tag=tag, labels=[("tau", tau)]))
         return runs
@@ -229,15 +229,25 @@ def command(run: Run, settings: Settings) -> list[str]:
             f"training.output_dir={run_dir}",
         ]
     else:
-        recipe = ["-m", "simplexvq_recipes.vision.train", "--config", str(VISION_CONFIG), f"output_dir={run_dir}"]
+        recipe = [
+            "-m",
+            "simplexvq_recipes.vision.train",
+            "--config",
+            str(VISION_CONFIG),
+            f"training.output_dir={run_dir}",
+        ]
     if run.processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.processes}"]
         return [*launcher, *recipe, *run.overrides]
     return [sys.executable, *recipe, *run.overrides]
 
 
+CONSOLE_FILE = "console.log"
+"""The recipe's printed output (its own messages are also in ``train.log``)."""
+
+
 def result_file(run: Run, settings: Settings) -> Path:
-    return settings.out / run.key / (RESULTS_FILE if run.recipe == "speech" else FINAL_METRICS_FILE)
+    return settings.out / run.key / RESULTS_FILE
 
 
 def execute(run: Run, settings: Settings) -> dict[str, Any]:
@@ -246,13 +256,13 @@ def execute(run: Run, settings: Settings) -> dict[str, Any]:
     done = result_file(run, settings)
     if not done.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         started = time.perf_counter()
-        with open(run_dir / "train.log", "a") as log:
+        with open(run_dir / CONSOLE_FILE, "a") as log:
             code = subprocess.run(command(run, settings), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if code != 0:
-            tail = "\n".join((run_dir / "train.log").read_text().splitlines()[-15:])
-            raise RuntimeError(f"run {run.key} failed (exit code {code}); log {run_dir / 'train.log'}:\n{tail}")
+            tail = "\n".join((run_dir / CONSOLE_FILE).read_text().splitlines()[-15:])
+            raise RuntimeError(f"run {run.key} failed (exit code {code}); output {run_dir / CONSOLE_FILE}:\n{tail}")
         seconds = time.perf_counter() - started
         (run_dir / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
         print(f"finished {run.key} in {seconds:.0f} s", flush=True)

@@ -3,6 +3,7 @@ configurations, and the tables and plots it writes from finished runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -54,8 +55,8 @@ def test_every_speech_run_is_a_valid_recipe_configuration_with_the_intended_sett
         for run in study_runs:
             config = _speech_config(run)
             quantizer = config.model.quantizer
-            assert quantizer.name == run.label["method"]
-            simplexvq.build_quantizer(quantizer.name, **quantizer.build_kwargs())  # the library accepts it
+            assert quantizer.method == run.label["method"]
+            quantizer.build(dim=config.model.quantizer_dim)  # the library accepts it
             if "K" in run.label:
                 assert quantizer.knn_k == run.label["K"]
             if "batch" in run.label:
@@ -67,11 +68,10 @@ def test_every_speech_run_is_a_valid_recipe_configuration_with_the_intended_sett
             if "vertices per step" in run.label and run.label["vertices per step"] < quantizer.codebook_size:
                 assert quantizer.vertex_subsample == run.label["vertices per step"]
             if "steps" in run.label:
-                assert (
-                    config.training.max_steps == run.label["steps"] and config.training.valid_every < run.label["steps"]
-                )
+                assert config.training.steps == run.label["steps"] and config.training.eval_every < run.label["steps"]
             if "tau" in run.label and run.label["tau"] != 1.0:
-                assert quantizer.gumbel_temperature == [run.label["tau"], run.label["tau"], 1.0]
+                tau = run.label["tau"]
+                assert dataclasses.asdict(quantizer.gumbel_temperature) == {"start": tau, "end": tau, "decay": 1.0}
     # the 1 x 1024 table setting holds N > K M masked frames: 24 crops of 4 s at 50 Hz, ~49% masked
     table = _speech_config(study.speech_run(settings, "softmax-knn_ce"))
     frames = table.data.batch_size * table.data.crop_samples / 320
@@ -88,9 +88,9 @@ def test_every_vision_run_is_a_valid_recipe_configuration(study, settings):
     for run in study.study_runs("vision", settings):
         config = load_config(VisionRecipeConfig, study.VISION_CONFIG, list(run.overrides))
         config.validate()
-        assert config.model.method == run.label["method"]
+        assert config.model.quantizer.method == run.label["method"]
         assert config.model.latent_shape(config.data.image_size) == (8, 8, 32) and config.model.codebook_size == 1024
-        assert config.data.batch_size * 8 * 8 == config.model.knn_k * config.model.codebook_size  # N = K M
+        assert config.data.batch_size * 8 * 8 == config.model.quantizer.knn_k * config.model.codebook_size  # N = K M
 
 
 def test_commands_use_the_recipes_and_torchrun_for_two_process_runs(study, settings):

@@ -78,7 +78,7 @@ def test_demo_knn_ce_keeps_every_code_while_ste_collapses(fillets_subset, tmp_pa
             "--parallel",
             "2",
             "optim.lr=2e-3",
-            "training.valid_every=60",
+            "training.eval_every=60",
             "training.checkpoint_every=60",
         ]
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from simplexvq_recipes.speech.data import prepare_fillets
-from simplexvq_recipes.speech.pretraining.train import RESULTS_FILE
+from simplexvq_recipes.training.loop import RESULTS_FILE
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
 
 DEFAULT_METHODS = ("softmax-knn_ce", "ste-cosine")
@@ -49,8 +49,8 @@ def train_command(
         "tiny",
         f"data.manifest_dir={corpus}",
         f"training.output_dir={run_dir}",
-        f"model.quantizer.name={method}",
-        f"training.max_steps={steps}",
+        f"model.quantizer.method={method}",
+        f"training.steps={steps}",
         f"training.threads={threads}",
         "training.progress_bar=false",
         *extra,
@@ -58,13 +58,14 @@ def train_command(
 
 
 def run_one(command: list[str], run_dir: Path, threads: int) -> dict[str, Any]:
-    """Run the recipe in a subprocess (log in ``run_dir/train.log``) and return its ``results.json``."""
+    """Run the recipe in a subprocess (its output in ``run_dir/console.log``, its messages also in ``train.log``)
+    and return its ``results.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(run_dir / "train.log", "w") as log:
+    with open(run_dir / "console.log", "w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
-        tail = (run_dir / "train.log").read_text().splitlines()[-20:]
+        tail = (run_dir / "console.log").read_text().splitlines()[-20:]
         raise RuntimeError(f"{' '.join(command)} failed with exit code {code}:\n" + "\n".join(tail))
     return json.loads((run_dir / RESULTS_FILE).read_text())
 
