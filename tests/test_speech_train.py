@@ -99,7 +99,9 @@ def test_run_writes_everything_users_expect(unbroken_run, corpus):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000008", "step_00000010"]
     for name in ("config.yaml", "results.json", "code_usage.png", "code_usage_train.png", "code_histogram.png"):
         assert (run / name).is_file(), name
-    assert json.loads((run / "history.json").read_text()) == _history(run, timing=True)  # every logged row, as checkpointed
+    assert json.loads((run / "history.json").read_text()) == _history(
+        run, timing=True
+    )  # every logged row, as checkpointed
     assert (run / "code_usage.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((run / "results.json").read_text())
     assert results["quantizer"] == "softmax-knn_ce" and results["step"] == 10

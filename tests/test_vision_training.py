@@ -245,3 +245,13 @@ def test_table1_row_uses_the_papers_method_labels():
     metrics = {"method": "soft_gumbel-perplexity", "feature_map": "16×16×32", "codebook_size": 1024}
     metrics.update(usage=0.55, rmse=0.8261, fid=173.5934, inception_score=9.6051, feature_network="Inception-v3")
     assert table1_markdown(metrics).splitlines()[-1] == "| S-Gmb | PPL | 55.0% | 0.826 | 173.593 | 9.605 |"
+
+
+def test_a_short_evaluation_reads_only_the_images_it_evaluates():
+    config = load_config(VisionRecipeConfig, CONFIG, ["eval.max_batches=1", "data.eval_batch_size=2"])
+    config.data.num_workers = 8
+    images = list(range(50))
+    subset, data = evaluate_command.limited(images, config, num_processes=2)
+    assert list(subset) == [0, 1, 2, 3] and data.num_workers == 1  # 1 batch of 2 on each of 2 processes
+    config.eval.max_batches = 0
+    assert evaluate_command.limited(images, config, 2) == (images, config.data)

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from simplexvq_recipes.speech.data import prepare_fillets
-from simplexvq_recipes.training.loop import RESULTS_FILE
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
+from simplexvq_recipes.training.loop import RESULTS_FILE
 
 DEFAULT_METHODS = ("softmax-knn_ce", "ste-cosine")
 

@@ -250,9 +250,7 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
 
     def checkpoint() -> None:
         seconds = seconds_before + time.perf_counter() - started
-        manager.save(
-            step, {"epoch": epoch, "batch": batch_in_epoch, "history": history.rows, "train_seconds": seconds}
-        )
+        manager.save(step, {"epoch": epoch, "batch": batch_in_epoch, "history": history.rows, "train_seconds": seconds})
 
     interval = IntervalAverage(accelerator.device)  # per batch
     step_metrics = IntervalAverage(accelerator.device)  # per optimizer step

@@ -12,6 +12,7 @@ instead (not FID). Runs under ``accelerate launch`` on several processes too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
+from torch.utils.data import Dataset, Subset
 
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
 from simplexvq_recipes.training.checkpoint import TRAINER_STATE, checkpoint_problem, latest_complete
@@ -27,7 +29,7 @@ from simplexvq_recipes.training.cli import run_cli
 from simplexvq_recipes.training.config import load_config
 from simplexvq_recipes.training.loop import CHECKPOINTS
 from simplexvq_recipes.training.plots import plot_code_histogram
-from simplexvq_recipes.vision.config import VisionRecipeConfig
+from simplexvq_recipes.vision.config import DataConfig, VisionRecipeConfig
 from simplexvq_recipes.vision.data import build_dataset, build_loader
 from simplexvq_recipes.vision.evaluation import evaluate
 from simplexvq_recipes.vision.table import table1_markdown
@@ -46,6 +48,18 @@ def load_weights(model: DiscreteAutoencoder, checkpoint: Path) -> None:
     model.load_state_dict(state)
 
 
+def limited(val_set: Dataset, config: VisionRecipeConfig, num_processes: int) -> tuple[Dataset, DataConfig]:
+    """The images ``eval.max_batches`` batches per process can reach, and at most that many loader workers: the
+    loader's workers then neither start nor decode more than the evaluation reads (with 8 workers, each prefetching
+    2 batches of full-size images, a one-batch evaluation otherwise decodes 16 batches)."""
+    max_batches = config.eval.max_batches
+    if not max_batches:
+        return val_set, config.data
+    count = min(len(val_set), max_batches * config.data.eval_batch_size * num_processes)
+    workers = min(config.data.num_workers, max_batches)
+    return Subset(val_set, range(count)), dataclasses.replace(config.data, num_workers=workers)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="output_dir of the training run")
@@ -59,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{config_file} not found: --run-dir must be the output_dir of a training run")
     config = load_config(VisionRecipeConfig, config_file, args.overrides)
     config.validate()
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=config.training.cpu or not torch.cuda.is_available())  # gloo on CPU machines
     checkpoint = args.checkpoint or latest_complete(args.run_dir / CHECKPOINTS)
     if checkpoint is None:
         raise FileNotFoundError(f"no intact checkpoint under {args.run_dir / CHECKPOINTS}")
@@ -74,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model.to(accelerator.device)
     normalizer = Normalizer(config.data.normalization)
     val_set = build_dataset(config.data, "val")
-    loader = accelerator.prepare(build_loader(val_set, config.data, train=False, seed=config.training.seed))
+    eval_set, data_config = limited(val_set, config, accelerator.num_processes)
+    loader = accelerator.prepare(build_loader(eval_set, data_config, train=False, seed=config.training.seed))
     features = None
     if config.eval.feature_metrics:
         features = load_inception(config.eval.inception_weights).to(accelerator.device)
@@ -104,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         name = checkpoint.name
         atomic_write_json(output_dir / f"{name}.json", metrics)
         atomic_write_text(output_dir / f"{name}.md", metrics["markdown"])
-        plot_code_histogram(result.counts, output_dir / f"{name}_code_histogram.png", title=config.model.quantizer.method)
+        histogram = output_dir / f"{name}_code_histogram.png"
+        plot_code_histogram(result.counts, histogram, title=config.model.quantizer.method)
         print(metrics["markdown"], end="")
     return metrics
 
