@@ -61,38 +61,49 @@ def step_folders(directory: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint (naming the bad file), or ``None`` when it is."""
+def checkpoint_problem(path: str | Path, *, resumable: bool = False) -> str | None:
+    """Why ``path`` is not a complete checkpoint (naming the bad file), or ``None`` when it is.
+
+    Checked: ``trainer_state.json`` parses; every file listed in ``manifest.json`` has its recorded size; every
+    safetensors file opens (its header and data length agree). ``resumable`` also requires the manifest (written by
+    :meth:`CheckpointManager.save` only); without it a folder holding weights and a trainer state is complete enough
+    to load the model from.
+    """
     path = Path(path)
+    try:
+        json.loads((path / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        return f"{path / TRAINER_STATE} is missing"
+    except (ValueError, OSError) as error:
+        return f"{path / TRAINER_STATE} is unreadable ({error})"
     manifest_file = path / MANIFEST_FILE
-    for required in (TRAINER_STATE, MANIFEST_FILE):
+    sizes: dict[str, int] = {}
+    if manifest_file.is_file():
         try:
-            json.loads((path / required).read_text())
-        except FileNotFoundError:
-            return f"{path / required} is missing"
+            sizes = json.loads(manifest_file.read_text())
         except (ValueError, OSError) as error:
-            return f"{path / required} is unreadable ({error})"
-    sizes = json.loads(manifest_file.read_text())
+            return f"{manifest_file} is unreadable ({error})"
+    elif resumable:
+        return f"{manifest_file} is missing (not a checkpoint written by the training loop)"
     for name, size in sizes.items():
         file = path / name
         if not file.is_file():
             return f"{file} is missing"
         if file.stat().st_size != size:
             return f"{file} is truncated or altered ({file.stat().st_size} bytes, {size} when written)"
-    for name in sizes:
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(str(path / name), framework="pt") as handle:
-                    handle.keys()
-            except (SafetensorError, OSError) as error:
-                return f"{path / name} is unreadable ({error})"
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            return f"{file} is unreadable ({error})"
     return None
 
 
-def latest_complete(directory: str | Path, *, warn: bool = True) -> Path | None:
+def latest_complete(directory: str | Path, *, warn: bool = True, resumable: bool = False) -> Path | None:
     """The newest complete checkpoint under ``directory``; newer damaged ones are skipped with a warning."""
     for path in reversed(step_folders(directory)):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, resumable=resumable)
         if problem is None:
             return path
         if warn:
@@ -206,14 +217,14 @@ class CheckpointManager:
         """
         if checkpoint is not None:
             path = Path(checkpoint)
-            problem = checkpoint_problem(path)
+            problem = checkpoint_problem(path, resumable=True)
             if problem is not None:
                 raise CheckpointError(f"cannot resume from {path}: {problem}")
         else:
-            path = latest_complete(self.directory)
+            path = latest_complete(self.directory, resumable=True)
             if path is None:
                 if self.checkpoints():
-                    problems = "; ".join(str(checkpoint_problem(p)) for p in self.checkpoints())
+                    problems = "; ".join(str(checkpoint_problem(p, resumable=True)) for p in self.checkpoints())
                     raise CheckpointError(
                         f"no intact checkpoint under {self.directory} ({problems}); remove the damaged folders or "
                         "start a new run in another training.output_dir"
