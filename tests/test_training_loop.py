@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from simplexvq_recipes.speech.pretraining.config import PretrainConfig
 from simplexvq_recipes.training.checkpoint import CheckpointError, checkpoint_problem, latest_complete
 from simplexvq_recipes.training.config import load_config
+from simplexvq_recipes.training.loop import resolve_mixed_precision
 from simplexvq_recipes.vision.config import VisionRecipeConfig
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -142,9 +143,11 @@ def test_resume_never_runs_code_planted_in_the_checkpoint_folder(tmp_path):
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest["optimizer.pt"] = (checkpoint / "optimizer.pt").stat().st_size
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    saved = (run / "config.yaml").read_text()
     with pytest.raises(CheckpointError, match=r"refusing to load .*step_00000003/optimizer.pt"):
         _toy(run, "training.steps=4")
     assert not marker.exists()
+    assert (run / "config.yaml").read_text() == saved  # a failed resume leaves the saved config as it was
 
 
 @pytest.mark.parametrize(
@@ -257,3 +260,16 @@ def test_checkpoint_folders_can_be_copied_and_resumed_from_elsewhere(tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)
     assert _toy(moved, "training.steps=3")["step"] == 3
+
+
+def test_mixed_precision_auto_is_bf16_on_gpus_that_support_it(monkeypatch):
+    assert resolve_mixed_precision("auto", "cpu") == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_mixed_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert resolve_mixed_precision("auto", "cuda") == "fp16"
+    assert resolve_mixed_precision("no", "cuda") == "no"
+    with pytest.raises(ValueError, match="training.mixed_precision must be one of auto, no, bf16, fp16"):
+        load_config(
+            toy_task.ToyConfig, overrides=["training.steps=1", "training.mixed_precision=fp8"]
+        ).training.validate()

@@ -88,6 +88,10 @@ def build_datasets(config: PretrainConfig) -> tuple[AudioDataset, AudioDataset]:
     return train, valid
 
 
+GUMBEL_METHODS: tuple[str, ...] = ("soft_gumbel", "hard_gumbel")
+"""Smoothing methods whose Gumbel temperature follows a schedule (logged as ``train/gumbel_temperature``)."""
+
+
 class SpeechTrainData(TrainData):
     """This rank's length-aware batches (:class:`ShardedBatchSampler`, the same count on every rank)."""
 
@@ -118,12 +122,14 @@ class SpeechPretraining(TrainingTask):
         self.skip_empty_batches = config.data.on_error == "skip"
         self.valid_loader: torch.utils.data.DataLoader | None = None
         self.usage: simplexvq.CodebookUsageMeter | None = None
+        self.quantizer: torch.nn.Module | None = None
 
     def build_model(self, accelerator: Accelerator) -> Wav2Vec2Pretrainer:
         model = build_model(self.config, accelerator.num_processes)
         if self.config.training.activation_checkpointing:
             model.enable_activation_checkpointing()
         self.usage = simplexvq.CodebookUsageMeter(model.num_groups, model.codebook_size, device=accelerator.device)
+        self.quantizer = model.quantizer
         return model
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -158,7 +164,11 @@ class SpeechPretraining(TrainingTask):
     def interval_metrics(self, accelerator: Accelerator) -> dict[str, torch.Tensor]:
         usage = self.usage.compute()  # collective
         self.usage.reset()
-        return {"usage": usage["usage"], "perplexity_interval": usage["perplexity"]}
+        metrics = {"usage": usage["usage"], "perplexity_interval": usage["perplexity"]}
+        quantizer = self.quantizer
+        if isinstance(quantizer, simplexvq.ProductQuantizer) and quantizer.config.method in GUMBEL_METHODS:
+            metrics["gumbel_temperature"] = torch.tensor(quantizer.gumbel_temperature)
+        return metrics
 
     def validate(self, model: torch.nn.Module, context: RunContext, step: int) -> dict[str, Any]:
         accelerator = context.accelerator
