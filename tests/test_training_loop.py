@@ -207,13 +207,26 @@ def test_a_recipe_error_is_one_short_message_from_rank_0(tmp_path):
     assert "simplexvq_recipes/" not in result.stderr  # no traceback from the recipe's processes (torchrun adds its own)
 
 
-@pytest.mark.slow
-def test_torch_compile_gives_the_eager_result(tmp_path):
+def test_torch_compile_gives_the_eager_result(tmp_path, monkeypatch):
+    """``training.compile=true`` trains through ``torch.compile`` (AOTAutograd, without inductor's C++ build to keep
+    the test fast) and checkpoints the plain module's weights."""
+    compiled_modules = []
+    real_compile = torch.compile
+
+    def compile_without_codegen(module, **kwargs):
+        compiled_modules.append(module)
+        return real_compile(module, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_without_codegen)
     common = ["toy.quantizer=null", "toy.dropout=0.0", "training.steps=2", "training.checkpoint_every=2"]
     _toy(tmp_path / "eager", *common)
+    assert not compiled_modules
     _toy(tmp_path / "compiled", *common, "training.compile=true")
-    for name, value in _weights(tmp_path / "eager", 2).items():
-        torch.testing.assert_close(_weights(tmp_path / "compiled", 2)[name], value, rtol=1e-5, atol=1e-6)
+    assert len(compiled_modules) == 1
+    eager, compiled = _weights(tmp_path / "eager", 2), _weights(tmp_path / "compiled", 2)
+    assert compiled.keys() == eager.keys()  # no wrapper prefix in the checkpoint
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6)
 
 
 def _torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
