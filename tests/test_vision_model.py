@@ -15,6 +15,7 @@ from simplexvq import QuantizerSpec
 from simplexvq.spec import OPTION_NAMES
 from simplexvq_recipes.training.config import load_config
 from simplexvq_recipes.vision.config import VisionRecipeConfig
+from simplexvq_recipes.vision.train import build_autoencoder
 from simplexvq_vision import PRESETS, AutoencoderConfig, DiscreteAutoencoder, preset
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -167,10 +168,11 @@ def test_every_core_quantizer_option_reaches_the_quantizer_from_the_command_line
 def test_presets_state_k_explicitly_and_several_processes_default_to_global_neighbours(tmp_path):
     config = load_config(VisionRecipeConfig, PHOTOS_DEMO)
     assert (config.model.quantizer.knn_k, config.model.quantizer.knn_scope) == (8, None)
-    assert DiscreteAutoencoder(config.model, num_processes=2).quantizer.config.knn_scope == "global"
-    assert DiscreteAutoencoder(config.model).quantizer.config.knn_scope == "local"
+    assert build_autoencoder(config.model, num_processes=2).quantizer.config.knn_scope == "global"
+    assert build_autoencoder(config.model).quantizer.config.knn_scope == "local"
+    assert config.model.quantizer.knn_scope is None  # the saved config keeps what the user wrote
     yaml = tmp_path / "q.yaml"
     yaml.write_text("model:\n  quantizer:\n    knn_scope: local\n    memory_efficient: true\n")
     config = load_config(VisionRecipeConfig, yaml)
-    quantizer = DiscreteAutoencoder(config.model, num_processes=2).quantizer.config
+    quantizer = build_autoencoder(config.model, num_processes=2).quantizer.config
     assert (quantizer.knn_scope, quantizer.memory_efficient, quantizer.knn_k) == ("local", True, 2)

@@ -26,18 +26,17 @@ class AutoencoderOutput:
 
 class DiscreteAutoencoder(nn.Module):
     """Image autoencoder whose latent pixels are quantized by the quantizer of ``config.quantizer`` (a
-    :class:`simplexvq.QuantizerSpec`). ``num_processes`` decides the default neighbour scope
-    (:meth:`AutoencoderConfig.build_quantizer`).
+    :class:`simplexvq.QuantizerSpec`).
 
     The adapter adds image plumbing only: quantization, its losses and its statistics come from the quantizer.
     """
 
-    def __init__(self, config: AutoencoderConfig, num_processes: int = 1) -> None:
+    def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         config.validate()
         self.config = config
         self.encoder = build_encoder(config)
-        self.quantizer = config.build_quantizer(num_processes)
+        self.quantizer = config.build_quantizer()
         self.decoder = ConvDecoder(config)
 
     def set_num_updates(self, num_updates: int) -> None:

@@ -10,8 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from simplexvq import QuantizerSpec, built_in_quantizers
-from simplexvq.config import KNN_REGULARIZERS
+from simplexvq import QuantizerSpec
 
 
 @dataclass(kw_only=True)
@@ -107,14 +106,9 @@ class AutoencoderConfig:
             raise ValueError(f"image size {height}x{width} is not divisible by the encoder's reduction {r}")
         return height // r, width // r, self.latent_channels
 
-    def build_quantizer(self, num_processes: int = 1) -> nn.Module:
-        """The quantizer of :attr:`quantizer` on ``latent_channels`` features. With several processes an unset
-        ``knn_scope`` of a KNN method searches the neighbours across ranks (a short batch cannot stop the run)."""
-        spec = self.quantizer
-        if num_processes > 1 and spec.knn_scope is None and spec.method in built_in_quantizers():
-            if spec.config(dim=self.latent_channels).regularizer in KNN_REGULARIZERS:
-                spec = spec.replace(knn_scope="global")
-        return spec.build(dim=self.latent_channels)
+    def build_quantizer(self) -> nn.Module:
+        """The quantizer of :attr:`quantizer` on ``latent_channels`` features."""
+        return self.quantizer.build(dim=self.latent_channels)
 
 
 # Table 3 of the paper: latent channels and resolutions after the input convolution (3 -> 256 channels) at

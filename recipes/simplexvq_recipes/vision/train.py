@@ -14,6 +14,7 @@ exact resume: re-running the same command continues from the newest intact one),
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,11 +31,19 @@ from simplexvq_recipes.training.cli import run_cli
 from simplexvq_recipes.training.config import parse_recipe_args
 from simplexvq_recipes.training.loop import RunContext, StepOutput, TrainData, TrainingTask, run_training
 from simplexvq_recipes.training.plots import plot_code_histogram, plot_code_usage
+from simplexvq_recipes.training.quantizers import recipe_spec
 from simplexvq_recipes.training.schedule import warmup_cosine_factor
 from simplexvq_recipes.vision.config import VisionRecipeConfig
 from simplexvq_recipes.vision.data import build_dataset, build_loader
 from simplexvq_recipes.vision.evaluation import evaluate
-from simplexvq_vision import DiscreteAutoencoder, Normalizer, reconstruction_grid
+from simplexvq_vision import AutoencoderConfig, DiscreteAutoencoder, Normalizer, reconstruction_grid
+
+
+def build_autoencoder(config: AutoencoderConfig, num_processes: int = 1) -> DiscreteAutoencoder:
+    """The autoencoder with the recipes' quantizer defaults (:func:`recipe_spec`: neighbours across ranks when
+    several processes train a KNN method and ``knn_scope`` is unset)."""
+    spec = recipe_spec(config.quantizer, num_processes, dim=config.latent_channels)
+    return DiscreteAutoencoder(dataclasses.replace(config, quantizer=spec))
 
 
 def training_loss(model: torch.nn.Module, images: torch.Tensor) -> StepOutput:
@@ -97,7 +106,7 @@ class ImageAutoencoding(TrainingTask):
         self.val_loader: DataLoader | None = None
 
     def build_model(self, accelerator: Accelerator) -> DiscreteAutoencoder:
-        return DiscreteAutoencoder(self.config.model, accelerator.num_processes)
+        return build_autoencoder(self.config.model, accelerator.num_processes)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         optim = self.config.optim
