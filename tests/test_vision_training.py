@@ -169,6 +169,7 @@ def test_two_process_gloo_run_shards_data_and_evaluates_every_image_once(tmp_pat
     _run(command)
     checkpoint = run / "checkpoints" / "step_00000004"
     assert (checkpoint / "rng_0.safetensors").is_file() and (checkpoint / "rng_1.safetensors").is_file()
+    assert "knn_scope=global" in (run / "train.log").read_text()  # the multi-process default
     final_metrics = json.loads((run / "results.json").read_text())
     assert final_metrics["num_images"] == len(PhotoTiles("val", 16, scales=[0.25]))  # gathered without duplicates
 
