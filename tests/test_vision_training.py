@@ -50,7 +50,7 @@ SMALL = [
 ]
 
 
-FAST_EVAL = ["data.eval_batch_size=2", "eval.max_batches=1", "eval.inception_weights=none"]
+FAST_EVAL = ["data.eval_batch_size=2", "eval.max_batches=1", "eval.feature_metrics=false"]
 
 
 def _train_command(output_dir: Path, *extra: str) -> list[str]:
