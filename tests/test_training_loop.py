@@ -207,22 +207,35 @@ def test_a_recipe_error_is_one_short_message_from_rank_0(tmp_path):
     assert "simplexvq_recipes/" not in result.stderr  # no traceback from the recipe's processes (torchrun adds its own)
 
 
-def test_torch_compile_gives_the_eager_result(tmp_path, monkeypatch):
+COMPILE_WITHOUT_CODEGEN = """
+import sys
+import torch
+import toy_task
+
+compiled = []
+real_compile = torch.compile
+
+
+def compile_without_codegen(module, **kwargs):
+    compiled.append(module)
+    return real_compile(module, backend="aot_eager", **kwargs)
+
+
+torch.compile = compile_without_codegen
+toy_task.run(sys.argv[1:])
+assert len(compiled) == (1 if "training.compile=true" in sys.argv else 0), compiled
+"""
+
+
+def test_torch_compile_gives_the_eager_result(tmp_path):
     """``training.compile=true`` trains through ``torch.compile`` (AOTAutograd, without inductor's C++ build to keep
-    the test fast) and checkpoints the plain module's weights."""
-    compiled_modules = []
-    real_compile = torch.compile
-
-    def compile_without_codegen(module, **kwargs):
-        compiled_modules.append(module)
-        return real_compile(module, backend="aot_eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", compile_without_codegen)
-    common = ["toy.quantizer=null", "toy.dropout=0.0", "training.steps=2", "training.checkpoint_every=2"]
-    _toy(tmp_path / "eager", *common)
-    assert not compiled_modules
-    _toy(tmp_path / "compiled", *common, "training.compile=true")
-    assert len(compiled_modules) == 1
+    the test fast) and checkpoints the plain module's weights. In a subprocess: importing the compiler imports
+    triton, which must not happen in the test process before the Triton tests choose its interpreter mode."""
+    common = ["toy.quantizer=null", "toy.dropout=0.0", "training.steps=2", "training.checkpoint_every=2", *QUIET]
+    for name, extra in (("eager", []), ("compiled", ["training.compile=true"])):
+        command = [sys.executable, "-c", COMPILE_WITHOUT_CODEGEN, f"training.output_dir={tmp_path / name}"]
+        result = subprocess.run([*command, *common, *extra], capture_output=True, text=True, env=ENV, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
     eager, compiled = _weights(tmp_path / "eager", 2), _weights(tmp_path / "compiled", 2)
     assert compiled.keys() == eager.keys()  # no wrapper prefix in the checkpoint
     for name, value in eager.items():
