@@ -292,7 +292,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_option_values_cover_every_core_option():
-    assert set(OPTION_VALUES) == set(OPTION_NAMES)
+    assert set(OPTION_NAMES) <= set(OPTION_VALUES), set(OPTION_NAMES) - set(OPTION_VALUES)
 
 
 @pytest.mark.parametrize("option", OPTION_NAMES)

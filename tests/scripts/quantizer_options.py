@@ -26,8 +26,10 @@ OPTION_VALUES = {
     "memory_efficient": "true",
     "chunk_size": "7",
     "vertex_subsample": "5",
+    "backend": "reference",
 }
-"""A valid non-default value of every :data:`simplexvq.spec.OPTION_NAMES` option, as written on a command line."""
+"""A valid non-default value of every :data:`simplexvq.spec.OPTION_NAMES` option, as written on a command line
+(a key the installed core does not have is simply not tested)."""
 
 
 def option_value(option: str) -> Any:
