@@ -66,27 +66,26 @@ def _attention_form(kind: LogitsKind, z: Tensor, codebook: Tensor, temperature: 
 
 
 def _check_vertices(vertices: Tensor | None, groups: int, size: int, device: torch.device) -> Tensor | None:
-    """A vertex subset as (G, S) long on ``device``; values checked on the CPU, or on the device without a host
-    read when the subset already lives there."""
+    """A vertex subset, (S,) or (G, S), as (G, S) long on ``device``. Shapes are checked at once (``ValueError``),
+    values on the device without a host read (``RuntimeError`` on the CPU, a device assertion on a GPU)."""
     if vertices is None:
         return None
     if not isinstance(vertices, Tensor) or vertices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"knn_loss: vertices must be an integer tensor of code indices, got {vertices!r}")
-    if vertices.device.type == "cpu":
-        return knn.check_vertices(vertices, groups, size, "knn_loss").to(device)
     if vertices.dim() == 1:
         vertices = vertices.unsqueeze(0).expand(groups, -1)
     if vertices.dim() != 2 or vertices.shape[0] != groups or vertices.shape[1] == 0:
         raise ValueError(
             f"knn_loss: vertices must have shape (S,) or (G={groups}, S) with S >= 1, got {tuple(vertices.shape)}"
         )
+    vertices = vertices.to(device=device, dtype=torch.long)
     torch._assert_async(((vertices >= 0) & (vertices < size)).all(), f"knn_loss: vertices must lie in [0, M={size})")
     ordered = vertices.sort(dim=-1).values
     torch._assert_async(
         (ordered[:, 1:] != ordered[:, :-1]).all(),
         "knn_loss: vertices must not repeat within a group (a repeated vertex counts twice)",
     )
-    return vertices.long()
+    return vertices
 
 
 def _check_inputs(z: Tensor, codebook: Tensor, temperature: Tensor, valid: Tensor | None, distance: str) -> None:
@@ -101,6 +100,11 @@ def _check_inputs(z: Tensor, codebook: Tensor, temperature: Tensor, valid: Tenso
         raise ValueError(
             f"{function}: z, codebook and temperature must share one dtype among float16, bfloat16, float32 and "
             f"float64, got {z.dtype}, {codebook.dtype} and {temperature.dtype}: cast them to one dtype first"
+        )
+    if z.dtype == torch.bfloat16 and z.device.type == "cpu":
+        raise ValueError(
+            f"{function}: bfloat16 CPU tensors cannot run: Triton's interpreter misreads bfloat16 memory; use float16, "
+            "float32 or float64 on the CPU (bfloat16 runs on CUDA tensors)"
         )
     if temperature.shape != (codebook.shape[0],):
         raise ValueError(
@@ -161,6 +165,8 @@ def triton_streamed_softmax_quantize(
             knn.check_k_fits(knn_k, num_rows, "knn_loss")
         else:
             assert_k_fits(knn_k, count, world)
+    if valid is not None:  # padding may hold anything (NaN included): neither values nor gradients may see it
+        z = torch.where(valid[:, None, None], z, torch.zeros_like(z))
     queries, keys, bias = _attention_form(distance, z, codebook, temperature)
     mask = torch.ones(num_rows, dtype=torch.int8, device=z.device) if valid is None else valid.to(torch.int8)
     spec = FusedSpec(k=knn_k, knn_distance=knn_distance, compute_output=compute_output, world=world)

@@ -113,7 +113,7 @@ class FusedSoftmax(torch.autograd.Function):
         else:
             row = lse.new_zeros(groups, num_rows)
         quad = sparse = None
-        if grad_loss is not None:
+        if grad_loss is not None and num_rows > 0:  # without rows nothing is selected
             entry_row, entry_group, entry_code, entry_weight = entries
             weight = grad_loss.to(accumulate) * ctx.weight_scale
             flat = entry_group * num_rows + entry_row  # position in the (G, N) per-row tensors
