@@ -1,14 +1,18 @@
-"""The Triton backend (simplexvq.scale.triton) in Triton's interpreter against the dense path and the reference.
+"""The Triton backend (simplexvq.scale.triton) against the dense path and the reference backend.
 
-``TRITON_INTERPRET=1`` is set before triton is imported, so the kernels run on CPU tensors. Sizes are small (the
-interpreter runs each program instance in NumPy) but span several tiles of rows and keys with ragged tails.
+By default ``TRITON_INTERPRET=1`` is set before triton is imported, so the kernels run on CPU tensors in Triton's
+interpreter. With ``SIMPLEXVQ_TRITON_TEST_DEVICE=cuda`` the same cases run compiled on a GPU (the prepared GPU
+check in ``benchmarks/gpu`` does that). Sizes are small (the interpreter runs each program instance in NumPy) but
+span several tiles of rows and keys with ragged tails.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if os.environ.get("SIMPLEXVQ_TRITON_TEST_DEVICE") == "cuda" else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -29,9 +33,15 @@ from simplexvq import functional as VQF  # noqa: E402
 from simplexvq.efficient import streamed_softmax_quantize  # noqa: E402
 from simplexvq.scale.triton import triton_available, triton_streamed_softmax_quantize  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels run on CPU tensors only when interpreted"
-)
+if DEVICE == "cpu":
+    pytestmark = pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels run on CPU tensors only when interpreted"
+    )
+else:
+    pytestmark = pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="SIMPLEXVQ_TRITON_TEST_DEVICE=cuda needs a GPU"
+    )
+ON_CPU = pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter (CPU tensors)")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "distributed" / "triton_global_worker.py"
@@ -47,7 +57,11 @@ def _inputs(n: int, groups: int, entries: int, d: int, seed: int, dtype=DT) -> l
     z = torch.randn(n, groups, d, generator=gen, dtype=dtype)
     codebook = torch.randn(groups, entries, d, generator=gen, dtype=dtype)
     temperature = 0.3 + torch.rand(groups, generator=gen, dtype=dtype)
-    return [x.requires_grad_(True) for x in (z, codebook, temperature)]
+    return [x.to(DEVICE).requires_grad_(True) for x in (z, codebook, temperature)]
+
+
+def _randn(shape, seed: int, dtype=DT) -> torch.Tensor:
+    return torch.randn(shape, generator=_gen(seed), dtype=dtype).to(DEVICE)
 
 
 def _dense(z, codebook, temperature, distance, k=None, knn_distance="ce", vertices=None):
@@ -83,7 +97,7 @@ def _assert_stats(result, pi):
 )
 def test_equals_dense_and_reference(distance, knn_distance, shape, k, subset):
     inputs = _inputs(*shape, seed=12)
-    vertices = torch.tensor([[1, 3, 16], [0, 2, 17], [4, 5, 6]][: shape[1]]) if subset else None
+    vertices = torch.tensor([[1, 3, 16], [0, 2, 17], [4, 5, 6]][: shape[1]], device=DEVICE) if subset else None
     out, loss, pi = _dense(*inputs, distance, k, knn_distance, vertices)
     kwargs = {"distance": distance, "knn_k": k, "knn_distance": knn_distance, "vertices": vertices}
     result = triton_streamed_softmax_quantize(*inputs, **kwargs)
@@ -94,7 +108,7 @@ def test_equals_dense_and_reference(distance, knn_distance, shape, k, subset):
     assert torch.equal(result.indices, pi.argmax(dim=-1))
     assert result.knn_hint is None
     _assert_stats(result, pi)
-    weight = torch.randn(out.shape, generator=_gen(13), dtype=DT)
+    weight = _randn(out.shape, 13)
     expected = _grads((out * weight).sum() + 2.5 * loss, inputs)
     got = _grads((result.quantized * weight).sum() + 2.5 * result.knn_loss, inputs)
     for g_got, g_exp in zip(got, expected, strict=True):
@@ -112,7 +126,7 @@ def test_float32_and_output_only():
     torch.testing.assert_close(result.quantized, out)
     assert torch.equal(result.indices, pi.argmax(dim=-1))
     _assert_stats(result, pi)
-    weight = torch.randn(out.shape, generator=_gen(21))
+    weight = _randn(out.shape, 21, torch.float32)
     for g_got, g_exp in zip(
         _grads((result.quantized * weight).sum(), inputs), _grads((out * weight).sum(), inputs), strict=True
     ):
@@ -135,7 +149,7 @@ def test_without_output_only_the_loss():
 @pytest.mark.parametrize("knn_distance", ["ce", "l2"])
 def test_padding_rows_take_no_part(knn_distance):
     z, codebook, temperature = _inputs(26, 2, 19, 4, seed=30)
-    valid = torch.rand(26, generator=_gen(31)) > 0.3
+    valid = (torch.rand(26, generator=_gen(31)) > 0.3).to(DEVICE)
     with torch.no_grad():
         z[~valid] = float("nan")  # padding content must not leak anywhere
     result = triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=3, knn_distance=knn_distance, valid=valid)
@@ -147,7 +161,7 @@ def test_padding_rows_take_no_part(knn_distance):
     assert bool((result.indices[~valid] == -1).all())
     torch.testing.assert_close(result.knn_loss, loss)
     _assert_stats(result, pi)
-    weight = torch.randn(result.quantized.shape, generator=_gen(32), dtype=DT)
+    weight = _randn(result.quantized.shape, 32)
     got = _grads((result.quantized * weight).sum() + result.knn_loss, [z, codebook, temperature])
     expected = _grads((out * weight[valid]).sum() + loss, [kept, codebook, temperature])
     torch.testing.assert_close(got[0][valid], expected[0])
@@ -156,22 +170,25 @@ def test_padding_rows_take_no_part(knn_distance):
         torch.testing.assert_close(g_got, g_exp)
 
 
-def test_half_precision_accumulates_in_float32():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
+def test_half_precision_accumulates_in_float32(dtype):
     inputs = _inputs(40, 2, 24, 8, seed=40, dtype=torch.float32)
-    low = [x.detach().half().requires_grad_(True) for x in inputs]
+    low = [x.detach().to(dtype).requires_grad_(True) for x in inputs]
     exact = triton_streamed_softmax_quantize(*inputs, knn_k=3)
     result = triton_streamed_softmax_quantize(*low, knn_k=3)
-    assert result.quantized.dtype == torch.float16 and result.knn_loss.dtype == torch.float16
-    torch.testing.assert_close(result.quantized.float(), exact.quantized, atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(result.knn_loss.float(), exact.knn_loss, atol=1e-2, rtol=1e-2)
-    assert torch.equal(result.indices, exact.indices)
+    assert result.quantized.dtype == dtype and result.knn_loss.dtype == dtype
+    tolerance = 1e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(result.quantized.float(), exact.quantized, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(result.knn_loss.float(), exact.knn_loss, atol=tolerance, rtol=tolerance)
+    assert float((result.indices == exact.indices).float().mean()) > 0.9  # near ties may flip at low precision
     grads = _grads(result.quantized.float().square().sum() + result.knn_loss.float(), low)
     expected = _grads(exact.quantized.square().sum() + exact.knn_loss, inputs)
     for g_got, g_exp in zip(grads, expected, strict=True):
-        assert g_got.dtype == torch.float16
-        assert float((g_got.float() - g_exp).abs().max()) < 0.02 * float(g_exp.abs().max()) + 1e-3
+        assert g_got.dtype == dtype
+        assert float((g_got.float() - g_exp).abs().max()) < 2 * tolerance * float(g_exp.abs().max()) + 1e-3
 
 
+@ON_CPU
 def test_bfloat16_is_refused_in_the_interpreter():
     inputs = [x.detach().bfloat16() for x in _inputs(4, 1, 3, 2, seed=41)]
     with pytest.raises(ValueError, match=r"bfloat16.*interpreter"):
@@ -193,7 +210,7 @@ def test_bad_inputs_name_the_problem():
     z, codebook, temperature = _inputs(6, 2, 4, 3, seed=50)
     with pytest.raises(ValueError, match=r"k=7.*N=6"):
         triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=7)
-    valid = torch.tensor([True, False, True, False, False, False])
+    valid = torch.tensor([True, False, True, False, False, False], device=DEVICE)
     with pytest.raises(RuntimeError, match=r"k=3 neighbours.*fewer \(unpadded\) positions"):
         triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=3, valid=valid)
     with pytest.raises(ValueError, match=r"valid must be a bool tensor of shape \(N,\)"):
@@ -201,11 +218,14 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match=r"share one dtype"):
         triton_streamed_softmax_quantize(z, codebook.detach().float(), temperature)
     with pytest.raises(RuntimeError, match=r"vertices must lie in \[0, M=4\)"):
-        triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=2, vertices=torch.tensor([0, 4]))
+        triton_streamed_softmax_quantize(
+            z, codebook, temperature, knn_k=2, vertices=torch.tensor([0, 4], device=DEVICE)
+        )
     with pytest.raises(ValueError, match=r"distance must be 'cosine' or 'euclid'"):
         triton_streamed_softmax_quantize(z, codebook, temperature, distance="dot")
 
 
+@ON_CPU
 def test_triton_available_names_the_reason(monkeypatch):
     assert triton_available("cpu") == (True, "")
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -246,11 +266,17 @@ class _OpLog(TorchDispatchMode):
 
 def _step_ops(n: int, knn_distance: str) -> _OpLog:
     z, codebook, temperature = _inputs(n, 2, 18, 4, seed=60)
-    valid = torch.ones(n, dtype=torch.bool)
+    valid = torch.ones(n, dtype=torch.bool, device=DEVICE)
     valid[1] = False
     with _OpLog() as log:
         result = triton_streamed_softmax_quantize(
-            z, codebook, temperature, knn_k=2, knn_distance=knn_distance, valid=valid, vertices=torch.tensor([1, 5, 9])
+            z,
+            codebook,
+            temperature,
+            knn_k=2,
+            knn_distance=knn_distance,
+            valid=valid,
+            vertices=torch.tensor([1, 5, 9], device=DEVICE),
         )
         (result.quantized.square().sum() + result.knn_loss).backward()
     return log
@@ -285,6 +311,7 @@ def _load_worker():
     return module
 
 
+@ON_CPU
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed + gloo")
 def test_global_scope_matches_single_process(tmp_path):
     worker = _load_worker()
