@@ -10,11 +10,12 @@ zeros and masked out of every sum, statistic and neighbour search; nothing of si
   ``|p|^2`` per row.
 * :func:`softmax_columns_kernel` (column-parallel): loops over tiles of rows, recomputes the logits with ``lse``
   and accumulates each key's column sum of ``p`` and keeps its ``NUM_K`` smallest deviations (cross-entropy
-  ``lse - l`` or L2 ``1 - 2 p_m + |p|^2``) with their rows in registers.
+  ``lse - l`` or L2 ``1 - 2 p_m + |p|^2``) with their rows in registers. The rows may be split over a third
+  grid axis (partial results reduced by the caller) so that a small codebook still fills the GPU.
 * :func:`softmax_rows_backward_kernel` / :func:`softmax_columns_backward_kernel`: the gradient of the logits
   ``ds = p * (dO . v - row + quad * p)`` (``row``, ``quad``: per-row coefficients prepared by the caller, see
   :mod:`simplexvq.scale.triton.ops`) recomputed tile by tile, contracted with the keys (``dq``) or with the
-  queries (``dk``, ``db``; ``dv = p^T dO``).
+  queries (``dk``, ``db``; ``dv = p^T dO``; split over rows like the forward column pass).
 
 Conventions of the Triton tutorials so that the kernels compile on GPUs and not only in the interpreter:
 power-of-two block shapes, ``tl.dot`` operands of at least 16 per side (the caller pads ``D``), masks on every
@@ -140,6 +141,7 @@ def softmax_columns_kernel(
     M,
     D,
     NUM_K,
+    ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
     KNN: tl.constexpr,  # 0: column sums only, 1: cross-entropy top-K, 2: L2 top-K
     BLOCK_N: tl.constexpr,
@@ -147,7 +149,10 @@ def softmax_columns_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Column pass of the forward: one program per (block of keys, group).
+    """Column pass of the forward: one program per (block of keys, group, split of the rows).
+
+    Each split of ``ROWS_PER_SPLIT`` rows writes its own partial column sums and top-K (the caller reduces them),
+    so that a small codebook still fills the GPU.
 
     The top-K state of a key is ``NUM_K`` (value, row) slots (``+inf`` / ``-1`` while empty; slots from ``NUM_K``
     to ``BLOCK_K`` hold ``-inf`` so that they are never the worst slot). A tile of rows is merged by repeatedly
@@ -157,6 +162,9 @@ def softmax_columns_kernel(
     """
     acc_ty = LSE.dtype.element_ty
     g = tl.program_id(1)
+    split = tl.program_id(2)
+    row_start = split * ROWS_PER_SPLIT
+    row_stop = tl.minimum(row_start + ROWS_PER_SPLIT, N)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = cols < M
     cols64 = cols.to(tl.int64)
@@ -171,9 +179,9 @@ def softmax_columns_kernel(
     top = tl.where(slot_ok[None, :], float("inf"), float("-inf")) + tl.zeros([BLOCK_M, BLOCK_K], acc_ty)
     top_rows = tl.full([BLOCK_M, BLOCK_K], -1, tl.int32)
     positions = tl.arange(0, BLOCK_N)
-    for start in range(0, N, BLOCK_N):
+    for start in range(row_start, row_stop, BLOCK_N):
         rows = start + positions
-        in_range = rows < N
+        in_range = rows < row_stop
         rows64 = rows.to(tl.int64)
         valid = (tl.load(VALID + rows64, mask=in_range, other=0) != 0) & in_range
         q = tl.load(Q + (rows64[:, None] * G + g) * D + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
@@ -205,9 +213,10 @@ def softmax_columns_kernel(
                 top_rows = tl.where(replace, (start + at)[:, None], top_rows)
                 deviation = tl.where(take[:, None] & (positions[None, :] == at[:, None]), float("inf"), deviation)
                 step += 1
-    tl.store(PROB_SUM + g * M + cols64, prob_sum.to(PROB_SUM.dtype.element_ty), mask=col_ok)
+    columns = G * M
+    tl.store(PROB_SUM + split * columns + g * M + cols64, prob_sum.to(PROB_SUM.dtype.element_ty), mask=col_ok)
     if KNN != 0:
-        at = slots[None, :].to(tl.int64) * G * M + g * M + cols64[:, None]
+        at = (split * NUM_K + slots[None, :].to(tl.int64)) * columns + g * M + cols64[:, None]
         keep = col_ok[:, None] & slot_ok[None, :]
         tl.store(TOP_VALUES + at, top.to(TOP_VALUES.dtype.element_ty), mask=keep)
         tl.store(TOP_ROWS + at, top_rows.to(tl.int64), mask=keep)
@@ -311,6 +320,7 @@ def softmax_columns_backward_kernel(
     M,
     D,
     DV,
+    ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
     HAS_GRAD_OUT: tl.constexpr,
     HAS_QUAD: tl.constexpr,
@@ -319,9 +329,13 @@ def softmax_columns_backward_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """``dk = ds^T q``, ``db = sum_n ds``, ``dv = p^T dO``: one program per (block of keys, group)."""
+    """``dk = ds^T q``, ``db = sum_n ds``, ``dv = p^T dO``: one program per (block of keys, group, split of the
+    rows); each split writes partial gradients that the caller sums."""
     acc_ty = LSE.dtype.element_ty
     g = tl.program_id(1)
+    split = tl.program_id(2)
+    row_start = split * ROWS_PER_SPLIT
+    row_stop = tl.minimum(row_start + ROWS_PER_SPLIT, N)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = cols < M
     cols64 = cols.to(tl.int64)
@@ -341,9 +355,9 @@ def softmax_columns_backward_kernel(
     grad_k = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
     grad_bias = tl.zeros([BLOCK_M], acc_ty)
     grad_v = tl.zeros([BLOCK_M, BLOCK_DV], acc_ty)
-    for start in range(0, N, BLOCK_N):
+    for start in range(row_start, row_stop, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
-        in_range = rows < N
+        in_range = rows < row_stop
         rows64 = rows.to(tl.int64)
         valid = (tl.load(VALID + rows64, mask=in_range, other=0) != 0) & in_range
         q = tl.load(Q + (rows64[:, None] * G + g) * D + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
@@ -369,16 +383,17 @@ def softmax_columns_backward_kernel(
         grad_logits = prob * coefficient
         grad_k += tl.dot(grad_logits.to(q.dtype), q, input_precision="ieee", out_dtype=acc_ty)
         grad_bias += tl.sum(grad_logits, 1)
+    key_at = split * G * M + g * M + cols64
     tl.store(
-        GRAD_K + (g * M + cols64[:, None]) * D + dims[None, :],
+        GRAD_K + key_at[:, None] * D + dims[None, :],
         grad_k.to(GRAD_K.dtype.element_ty),
         mask=col_ok[:, None] & dim_ok[None, :],
     )
     if HAS_BIAS:
-        tl.store(GRAD_BIAS + g * M + cols64, grad_bias.to(GRAD_BIAS.dtype.element_ty), mask=col_ok)
+        tl.store(GRAD_BIAS + key_at, grad_bias.to(GRAD_BIAS.dtype.element_ty), mask=col_ok)
     if HAS_GRAD_OUT:
         tl.store(
-            GRAD_V + (g * M + cols64[:, None]) * DV + value_dims[None, :],
+            GRAD_V + key_at[:, None] * DV + value_dims[None, :],
             grad_v.to(GRAD_V.dtype.element_ty),
             mask=col_ok[:, None] & value_dim_ok[None, :],
         )

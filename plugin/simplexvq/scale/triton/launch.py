@@ -117,6 +117,22 @@ def softmax_rows(
     return output, lse, indices, perplexity, max_prob, squared_norm
 
 
+def row_splits(device: torch.device, num_rows: int, programs: int, block_rows: int) -> tuple[int, int]:
+    """(splits, rows per split) for a column pass of ``programs`` (key blocks x groups) programs.
+
+    A small codebook has few key blocks, so the rows are split until about two programs per multiprocessor run
+    (on the CPU: two splits, so that the tests exercise the reduction). Depends on shapes only.
+    """
+    tiles = max(1, triton.cdiv(num_rows, block_rows))
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2 * programs
+    splits = max(1, min(tiles, triton.cdiv(target, programs)))
+    rows_per_split = triton.cdiv(tiles, splits) * block_rows
+    return max(1, triton.cdiv(num_rows, rows_per_split)), rows_per_split
+
+
 @triton_op("simplexvq::triton_softmax_columns", mutates_args={})
 def softmax_columns(
     queries: Tensor,
@@ -131,30 +147,33 @@ def softmax_columns(
     """Column pass: ``(prob_sum (G, M), top values (k, G M), top rows (k, G M) long)``; ``k = 0``: sums only.
 
     Column ``g M + m`` of the top-K holds key m of group g: its k smallest deviations (``+inf`` / row ``-1`` where
-    fewer than k valid rows exist), unsorted.
+    fewer than k valid rows exist), unsorted. The splits' partial sums and top-Ks are reduced here (a sum and one
+    top-K over ``splits * k`` candidates per column).
     """
     num_rows, groups, dim = queries.shape
     size = keys.shape[1]
     blocks = block_sizes(queries.device, dim, 1)
-    prob_sum = lse.new_empty(groups, size)
-    top_values = lse.new_empty(k, groups * size)
-    top_rows = queries.new_empty(k, groups * size, dtype=torch.long)
-    grid = (triton.cdiv(size, blocks.columns), groups)
-    _launcher(kernels.softmax_columns_kernel)[grid](
+    programs = triton.cdiv(size, blocks.columns)
+    splits, rows_per_split = row_splits(queries.device, num_rows, programs * groups, blocks.rows)
+    prob_sums = lse.new_empty(splits, groups, size)
+    top_values = lse.new_empty(splits, k, groups * size)
+    top_rows = queries.new_empty(splits, k, groups * size, dtype=torch.long)
+    _launcher(kernels.softmax_columns_kernel)[(programs, groups, splits)](
         queries,
         keys,
         lse if bias is None else bias,
         valid,
         lse,
         squared_norm,
-        prob_sum,
-        top_values if k > 0 else prob_sum,
+        prob_sums,
+        top_values if k > 0 else prob_sums,
         top_rows if k > 0 else indices_placeholder(queries),
         num_rows,
         groups,
         size,
         dim,
         k,
+        rows_per_split,
         HAS_BIAS=bias is not None,
         KNN=KNN_MODES[knn_distance if k > 0 else None],
         BLOCK_N=blocks.rows,
@@ -163,7 +182,10 @@ def softmax_columns(
         BLOCK_K=max(2, triton.next_power_of_2(max(k, 1))),
         num_warps=blocks.num_warps,
     )
-    return prob_sum, top_values, top_rows
+    candidates = top_values.reshape(splits * k, groups * size)
+    best = candidates.topk(k, dim=0, largest=False, sorted=False)
+    rows = top_rows.reshape(splits * k, groups * size).gather(0, best.indices)
+    return prob_sums.sum(dim=0), best.values, rows
 
 
 def indices_placeholder(like: Tensor) -> Tensor:
@@ -230,15 +252,19 @@ def softmax_columns_backward(
     row: Tensor,
     quad: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the keys (G, M, D), the bias (G, M; zeros without a bias) and the values (G, M, DV)."""
+    """Gradients of the keys (G, M, D), the bias (G, M; zeros without a bias) and the values (G, M, DV; zeros
+    without ``grad_output``): the splits' partial gradients (accumulation dtype) summed here."""
     num_rows, groups, dim = queries.shape
     size, value_dim = keys.shape[1], values.shape[2]
-    grad_keys = torch.empty_like(keys)
-    grad_bias = keys.new_zeros(groups, size) if bias is None else torch.empty_like(bias)
-    grad_values = torch.zeros_like(values) if grad_output is None else torch.empty_like(values)
     blocks = block_sizes(queries.device, dim, value_dim)
-    grid = (triton.cdiv(size, blocks.columns), groups)
-    _launcher(kernels.softmax_columns_backward_kernel)[grid](
+    programs = triton.cdiv(size, blocks.columns)
+    splits, rows_per_split = row_splits(queries.device, num_rows, programs * groups, blocks.rows)
+    grad_keys = lse.new_empty(splits, groups, size, dim)
+    grad_bias = lse.new_zeros(splits, groups, size) if bias is None else lse.new_empty(splits, groups, size)
+    grad_values = lse.new_zeros(splits, groups, size, value_dim) if grad_output is None else None
+    if grad_values is None:
+        grad_values = lse.new_empty(splits, groups, size, value_dim)
+    _launcher(kernels.softmax_columns_backward_kernel)[(programs, groups, splits)](
         queries,
         keys,
         grad_bias if bias is None else bias,
@@ -256,6 +282,7 @@ def softmax_columns_backward(
         size,
         dim,
         value_dim,
+        rows_per_split,
         HAS_BIAS=bias is not None,
         HAS_GRAD_OUT=grad_output is not None,
         HAS_QUAD=quad is not None,
@@ -265,4 +292,8 @@ def softmax_columns_backward(
         BLOCK_DV=blocks.value_dim,
         num_warps=blocks.num_warps,
     )
-    return grad_keys, grad_bias, grad_values
+    return (
+        grad_keys.sum(dim=0).to(keys.dtype),
+        grad_bias.sum(dim=0).to(keys.dtype if bias is None else bias.dtype),
+        grad_values.sum(dim=0).to(values.dtype),
+    )
