@@ -14,18 +14,31 @@ zeros and masked out of every sum, statistic and neighbour search; nothing of si
   grid axis (partial results reduced by the caller) so that a small codebook still fills the GPU.
 * :func:`softmax_rows_backward_kernel` / :func:`softmax_columns_backward_kernel`: the gradient of the logits
   ``ds = p * (dO . v - row + quad * p)`` (``row``, ``quad``: per-row coefficients prepared by the caller, see
-  :mod:`simplexvq.scale.triton.ops`) recomputed tile by tile, contracted with the keys (``dq``) or with the
+  :mod:`simplexvq.scale.triton.function`) recomputed tile by tile, contracted with the keys (``dq``) or with the
   queries (``dk``, ``db``; ``dv = p^T dO``; split over rows like the forward column pass).
 
 Conventions of the Triton tutorials so that the kernels compile on GPUs and not only in the interpreter:
 power-of-two block shapes, ``tl.dot`` operands of at least 16 per side (the caller pads ``D``), masks on every
 tail, accumulation in the dtype of ``LSE`` (float32, or float64 for float64 inputs), explicit casts on stores.
+Float64 inputs take ``ELEMENTWISE`` products instead of ``tl.dot`` (see :func:`_matmul`): exact, slow, for tests.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _matmul(a, b, ELEMENTWISE: tl.constexpr):
+    """``a @ b`` accumulated in float32 (``tl.dot``, exact IEEE products for float32 inputs), or, with
+    ``ELEMENTWISE``, as a broadcast product and sum in the operands' dtype: the float64 path, because Triton's
+    GPU compiler cannot lower a float64 ``tl.dot`` with these layouts."""
+    if ELEMENTWISE:
+        out = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        out = tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+    return out
 
 
 @triton.jit
@@ -47,6 +60,7 @@ def softmax_rows_kernel(
     D,
     DV,
     HAS_BIAS: tl.constexpr,
+    ELEMENTWISE: tl.constexpr,
     HAS_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -80,7 +94,7 @@ def softmax_rows_kernel(
         keys = tl.load(
             K + (g * M + cols64[:, None]) * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
         )
-        logits = tl.dot(q, tl.trans(keys), input_precision="ieee", out_dtype=acc_ty)
+        logits = _matmul(q, tl.trans(keys), ELEMENTWISE)
         if HAS_BIAS:
             bias = tl.load(BIAS + g * M + cols64, mask=col_ok, other=0.0).to(acc_ty)
             logits += bias[None, :]
@@ -104,7 +118,7 @@ def softmax_rows_kernel(
                 mask=col_ok[:, None] & value_dim_ok[None, :],
                 other=0.0,
             )
-            product = tl.dot(exps.to(values.dtype), values, input_precision="ieee", out_dtype=acc_ty)
+            product = _matmul(exps.to(values.dtype), values, ELEMENTWISE)
             output = output * alpha[:, None] + product
         running_max = new_max
 
@@ -143,6 +157,7 @@ def softmax_columns_kernel(
     NUM_K,
     ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
+    ELEMENTWISE: tl.constexpr,
     KNN: tl.constexpr,  # 0: column sums only, 1: cross-entropy top-K, 2: L2 top-K
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -186,7 +201,7 @@ def softmax_columns_kernel(
         valid = (tl.load(VALID + rows64, mask=in_range, other=0) != 0) & in_range
         q = tl.load(Q + (rows64[:, None] * G + g) * D + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
         lse = tl.load(LSE + g * N + rows64, mask=valid, other=0.0)
-        logits = tl.dot(keys, tl.trans(q), input_precision="ieee", out_dtype=acc_ty)  # (BLOCK_M, BLOCK_N)
+        logits = _matmul(keys, tl.trans(q), ELEMENTWISE)  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
             logits += bias[:, None]
         prob = tl.where(valid[None, :], tl.exp(logits - lse[None, :]), 0.0)
@@ -240,6 +255,7 @@ def softmax_rows_backward_kernel(
     D,
     DV,
     HAS_BIAS: tl.constexpr,
+    ELEMENTWISE: tl.constexpr,
     HAS_GRAD_OUT: tl.constexpr,
     HAS_QUAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -278,7 +294,7 @@ def softmax_rows_backward_kernel(
         keys = tl.load(
             K + (g * M + cols64[:, None]) * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
         )
-        logits = tl.dot(q, tl.trans(keys), input_precision="ieee", out_dtype=acc_ty)
+        logits = _matmul(q, tl.trans(keys), ELEMENTWISE)
         if HAS_BIAS:
             logits += tl.load(BIAS + g * M + cols64, mask=col_ok, other=0.0).to(acc_ty)[None, :]
         prob = tl.where(valid[:, None] & col_ok[None, :], tl.exp(logits - lse[:, None]), 0.0)
@@ -289,11 +305,11 @@ def softmax_rows_backward_kernel(
                 mask=col_ok[:, None] & value_dim_ok[None, :],
                 other=0.0,
             )
-            coefficient += tl.dot(grad_out, tl.trans(values), input_precision="ieee", out_dtype=acc_ty)
+            coefficient += _matmul(grad_out, tl.trans(values), ELEMENTWISE)
         if HAS_QUAD:
             coefficient += quad[:, None] * prob
         grad_logits = prob * coefficient
-        grad_q += tl.dot(grad_logits.to(keys.dtype), keys, input_precision="ieee", out_dtype=acc_ty)
+        grad_q += _matmul(grad_logits.to(keys.dtype), keys, ELEMENTWISE)
     tl.store(
         GRAD_Q + (rows64[:, None] * G + g) * D + dims[None, :],
         grad_q.to(GRAD_Q.dtype.element_ty),
@@ -322,6 +338,7 @@ def softmax_columns_backward_kernel(
     DV,
     ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
+    ELEMENTWISE: tl.constexpr,
     HAS_GRAD_OUT: tl.constexpr,
     HAS_QUAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -364,7 +381,7 @@ def softmax_columns_backward_kernel(
         at = g * N + rows64
         lse = tl.load(LSE + at, mask=valid, other=0.0)
         row = tl.load(ROW + at, mask=valid, other=0.0)
-        logits = tl.dot(keys, tl.trans(q), input_precision="ieee", out_dtype=acc_ty)  # (BLOCK_M, BLOCK_N)
+        logits = _matmul(keys, tl.trans(q), ELEMENTWISE)  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
             logits += bias[:, None]
         prob = tl.where(col_ok[:, None] & valid[None, :], tl.exp(logits - lse[None, :]), 0.0)
@@ -375,13 +392,13 @@ def softmax_columns_backward_kernel(
                 mask=valid[:, None] & value_dim_ok[None, :],
                 other=0.0,
             )
-            coefficient += tl.dot(values, tl.trans(grad_out), input_precision="ieee", out_dtype=acc_ty)
-            grad_v += tl.dot(prob.to(grad_out.dtype), grad_out, input_precision="ieee", out_dtype=acc_ty)
+            coefficient += _matmul(values, tl.trans(grad_out), ELEMENTWISE)
+            grad_v += _matmul(prob.to(grad_out.dtype), grad_out, ELEMENTWISE)
         if HAS_QUAD:
             quad = tl.load(QUAD + at, mask=valid, other=0.0)
             coefficient += quad[None, :] * prob
         grad_logits = prob * coefficient
-        grad_k += tl.dot(grad_logits.to(q.dtype), q, input_precision="ieee", out_dtype=acc_ty)
+        grad_k += _matmul(grad_logits.to(q.dtype), q, ELEMENTWISE)
         grad_bias += tl.sum(grad_logits, 1)
     key_at = split * G * M + g * M + cols64
     tl.store(

@@ -37,30 +37,35 @@ KNN_MODES = {None: 0, "ce": 1, "l2": 2}
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes: rows and keys per tile, padded widths of keys and values (powers of two, >= 16)."""
+    """Tile sizes: rows and keys per tile, padded widths of keys and values (powers of two, >= 16), and the
+    launch options (warps per program, software-pipelining stages of the tile loops)."""
 
     rows: int
     columns: int
     dim: int
     value_dim: int
     num_warps: int = 4
+    num_stages: int = 3
 
 
 def _padded(width: int) -> int:
     return max(16, triton.next_power_of_2(max(width, 1)))
 
 
-def block_sizes(device: torch.device, dim: int, value_dim: int) -> Blocks:
-    """Tiles for a device: small ones for the interpreter (CPU tensors), register-sized ones for a GPU."""
+def block_sizes(device: torch.device, dim: int, value_dim: int, dtype: torch.dtype = torch.float32) -> Blocks:
+    """Tiles for a device: small ones for the interpreter (CPU tensors), register-sized ones for a GPU (small
+    ones too for float64, whose elementwise products hold a (rows, D, keys) block)."""
     padded, padded_values = _padded(dim), _padded(value_dim)
     if device.type != "cuda":
         return Blocks(16, 16, padded, padded_values)
+    if dtype == torch.float64:
+        return Blocks(16, 16, padded, padded_values, num_warps=8, num_stages=1)
     widest = max(padded, padded_values)
     if widest <= 64:
         return Blocks(64, 64, padded, padded_values)
     if widest <= 128:
         return Blocks(64, 32, padded, padded_values)
-    return Blocks(32, 32, padded, padded_values, num_warps=8)
+    return Blocks(32, 32, padded, padded_values, num_warps=8, num_stages=2)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,7 +91,7 @@ def softmax_rows(
     per_row = [queries.new_empty(groups, num_rows, dtype=accumulate) for _ in range(4)]
     indices = queries.new_empty(num_rows, groups, dtype=torch.long)
     if num_rows > 0:
-        blocks = block_sizes(queries.device, dim, value_dim)
+        blocks = block_sizes(queries.device, dim, value_dim, queries.dtype)
         grid = (triton.cdiv(num_rows, blocks.rows), groups)
         _launcher(kernels.softmax_rows_kernel)[grid](
             queries,
@@ -106,12 +111,14 @@ def softmax_rows(
             dim,
             value_dim,
             HAS_BIAS=bias is not None,
+            ELEMENTWISE=queries.dtype == torch.float64,
             HAS_OUT=compute_output,
             BLOCK_N=blocks.rows,
             BLOCK_M=blocks.columns,
             BLOCK_D=blocks.dim,
             BLOCK_DV=blocks.value_dim,
             num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
         )
     lse, perplexity, max_prob, squared_norm = per_row
     return output, lse, indices, perplexity, max_prob, squared_norm
@@ -152,7 +159,7 @@ def softmax_columns(
     """
     num_rows, groups, dim = queries.shape
     size = keys.shape[1]
-    blocks = block_sizes(queries.device, dim, 1)
+    blocks = block_sizes(queries.device, dim, 1, queries.dtype)
     programs = triton.cdiv(size, blocks.columns)
     splits, rows_per_split = row_splits(queries.device, num_rows, programs * groups, blocks.rows)
     prob_sums = lse.new_empty(splits, groups, size)
@@ -175,12 +182,14 @@ def softmax_columns(
         k,
         rows_per_split,
         HAS_BIAS=bias is not None,
+        ELEMENTWISE=queries.dtype == torch.float64,
         KNN=KNN_MODES[knn_distance if k > 0 else None],
         BLOCK_N=blocks.rows,
         BLOCK_M=blocks.columns,
         BLOCK_D=blocks.dim,
         BLOCK_K=max(2, triton.next_power_of_2(max(k, 1))),
         num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
     candidates = top_values.reshape(splits * k, groups * size)
     best = candidates.topk(k, dim=0, largest=False, sorted=False)
@@ -210,7 +219,7 @@ def softmax_rows_backward(
     size, value_dim = keys.shape[1], values.shape[2]
     grad_queries = torch.empty_like(queries)
     if num_rows > 0:
-        blocks = block_sizes(queries.device, dim, value_dim)
+        blocks = block_sizes(queries.device, dim, value_dim, queries.dtype)
         grid = (triton.cdiv(num_rows, blocks.rows), groups)
         _launcher(kernels.softmax_rows_backward_kernel)[grid](
             queries,
@@ -229,6 +238,7 @@ def softmax_rows_backward(
             dim,
             value_dim,
             HAS_BIAS=bias is not None,
+            ELEMENTWISE=queries.dtype == torch.float64,
             HAS_GRAD_OUT=grad_output is not None,
             HAS_QUAD=quad is not None,
             BLOCK_N=blocks.rows,
@@ -236,6 +246,7 @@ def softmax_rows_backward(
             BLOCK_D=blocks.dim,
             BLOCK_DV=blocks.value_dim,
             num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
         )
     return grad_queries
 
@@ -256,7 +267,7 @@ def softmax_columns_backward(
     without ``grad_output``): the splits' partial gradients (accumulation dtype) summed here."""
     num_rows, groups, dim = queries.shape
     size, value_dim = keys.shape[1], values.shape[2]
-    blocks = block_sizes(queries.device, dim, value_dim)
+    blocks = block_sizes(queries.device, dim, value_dim, queries.dtype)
     programs = triton.cdiv(size, blocks.columns)
     splits, rows_per_split = row_splits(queries.device, num_rows, programs * groups, blocks.rows)
     grad_keys = lse.new_empty(splits, groups, size, dim)
@@ -284,6 +295,7 @@ def softmax_columns_backward(
         value_dim,
         rows_per_split,
         HAS_BIAS=bias is not None,
+        ELEMENTWISE=queries.dtype == torch.float64,
         HAS_GRAD_OUT=grad_output is not None,
         HAS_QUAD=quad is not None,
         BLOCK_N=blocks.rows,
@@ -291,6 +303,7 @@ def softmax_columns_backward(
         BLOCK_D=blocks.dim,
         BLOCK_DV=blocks.value_dim,
         num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
     return (
         grad_keys.sum(dim=0).to(keys.dtype),
