@@ -5,12 +5,16 @@ memory): this compiles every kernel for, by default, compute capability 9.0 (H10
 :func:`simplexvq.scale.triton.launch.block_sizes` picks for CUDA, and reports shared memory and registers::
 
     PYTHONPATH=plugin python benchmarks/gpu/compile_check.py [--quick] [--arch 90]
+
+It prints one JSON record per compiled variant and exits non-zero if any fails or exceeds the shared memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -109,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     parser.add_argument("--quick", action="store_true", help="bfloat16, D = 64, the richest switches only")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_check.py: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     sys.path.insert(0, str(REPO / "plugin"))
     failures = 0
     for variant in variants(args.quick):
         record = compile_variant(variant, args.arch)
         failures += not record["ok"]
-        print(record, flush=True)
+        print(json.dumps(record), flush=True)
     return 1 if failures else 0
 
 
