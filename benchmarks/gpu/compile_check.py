@@ -15,7 +15,10 @@ import argparse
 import itertools
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,22 @@ def variants(quick: bool) -> list[Variant]:
     return out
 
 
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack bytes (spills) of a compiled kernel, read with the cuobjdump that ships
+    with Triton's NVIDIA backend; empty if it is not there."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        listing = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", listing)
+    return {"registers": int(found.group(1)), "stack": int(found.group(2))} if found else {}
+
+
 def compile_variant(variant: Variant, arch: int) -> dict:
     """Compile one variant; returns seconds, shared memory, registers (or the error)."""
     import torch
@@ -101,7 +120,7 @@ def compile_variant(variant: Variant, arch: int) -> dict:
             options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages},
         )
         record.update(shared=compiled.metadata.shared, ok=compiled.metadata.shared <= SHARED_LIMIT.get(arch, 101376))
-        record["registers"] = getattr(compiled, "n_regs", None)
+        record.update(_resource_usage(compiled.asm["cubin"]))
     except Exception as error:  # noqa: BLE001 - a compile failure is the result to report
         record.update(ok=False, error=f"{type(error).__name__}: {str(error)[:1000]}")
     record["seconds"] = round(time.perf_counter() - started, 1)

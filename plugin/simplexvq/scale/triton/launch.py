@@ -53,19 +53,25 @@ def _padded(width: int) -> int:
 
 
 def block_sizes(device: torch.device, dim: int, value_dim: int, dtype: torch.dtype = torch.float32) -> Blocks:
-    """Tiles for a device: small ones for the interpreter (CPU tensors), register-sized ones for a GPU (small
-    ones too for float64, whose elementwise products hold a (rows, D, keys) block)."""
+    """Tiles for a device and input dtype: small ones for the interpreter (CPU tensors); on a GPU the largest
+    that compile for sm_90 without register spills (``benchmarks/gpu/compile_check.py`` reports them): float32
+    products are exact FMA products, which need smaller tiles than bfloat16 / float16 tensor-core products, and
+    float64's elementwise products hold a (rows, D, keys) block."""
     padded, padded_values = _padded(dim), _padded(value_dim)
     if device.type != "cuda":
         return Blocks(16, 16, padded, padded_values)
+    widest = max(padded, padded_values)
     if dtype == torch.float64:
         return Blocks(16, 16, padded, padded_values, num_warps=8, num_stages=1)
-    widest = max(padded, padded_values)
+    if dtype == torch.float32:
+        if widest <= 64:
+            return Blocks(32, 32, padded, padded_values, num_warps=4, num_stages=3)
+        return Blocks(16, 16, padded, padded_values, num_warps=4, num_stages=2)
     if widest <= 64:
-        return Blocks(64, 64, padded, padded_values)
+        return Blocks(64, 64, padded, padded_values, num_warps=8, num_stages=3)
     if widest <= 128:
-        return Blocks(64, 32, padded, padded_values)
-    return Blocks(32, 32, padded, padded_values, num_warps=8, num_stages=2)
+        return Blocks(32, 32, padded, padded_values, num_warps=8, num_stages=2)
+    return Blocks(32, 16, padded, padded_values, num_warps=4, num_stages=2)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
