@@ -221,6 +221,8 @@ def test_bad_inputs_name_the_problem():
         triton_streamed_softmax_quantize(
             z, codebook, temperature, knn_k=2, vertices=torch.tensor([0, 4], device=DEVICE)
         )
+    with pytest.raises(ValueError, match=r"must be on one device"):
+        triton_streamed_softmax_quantize(z, codebook.detach().to("meta"), temperature)
     with pytest.raises(ValueError, match=r"distance must be 'cosine' or 'euclid'"):
         triton_streamed_softmax_quantize(z, codebook, temperature, distance="dot")
 

@@ -101,6 +101,11 @@ def _check_inputs(z: Tensor, codebook: Tensor, temperature: Tensor, valid: Tenso
             f"{function}: z, codebook and temperature must share one dtype among float16, bfloat16, float32 and "
             f"float64, got {z.dtype}, {codebook.dtype} and {temperature.dtype}: cast them to one dtype first"
         )
+    if codebook.device != z.device or temperature.device != z.device:
+        raise ValueError(
+            f"{function}: z, codebook and temperature must be on one device, got {z.device}, {codebook.device} and "
+            f"{temperature.device}: move them to one device first"
+        )
     if z.dtype == torch.bfloat16 and z.device.type == "cpu":
         raise ValueError(
             f"{function}: bfloat16 CPU tensors cannot run: Triton's interpreter misreads bfloat16 memory; use float16, "

@@ -77,7 +77,6 @@ class FusedSoftmax(torch.autograd.Function):
             entries = selected_entries(top_rows, selected, groups, vertices, lse.dtype)
             ctx.weight_scale = scale / (spec.k * num_columns)
         ctx.spec = spec
-        ctx.has_bias = bias is not None
         saved = [queries, keys, bias, values, output, valid, lse, squared_norm]
         if entries is not None:
             saved += [entries.row, entries.group, entries.code, entries.weight]
