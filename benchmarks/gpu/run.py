@@ -9,8 +9,9 @@ It writes ``$OUT/gpu_benchmark.json`` and ``$OUT/gpu_benchmark.md``. Stages:
 1. Tests: ``tests/test_triton_backend.py`` on CUDA tensors (``SIMPLEXVQ_TRITON_TEST_DEVICE=cuda``) and the core
    test files' CUDA cases (``-k "cuda or gpu or triton"``), each in a subprocess with a time limit.
 2. Timings: forward + backward (CUDA events, median after warm-up; peak ``torch.cuda.max_memory_allocated``) of
-   the six-GEMM floor, the dense layer, the reference backend (``simplexvq.efficient.streamed_softmax_quantize``),
-   the Triton backend with and without KNN-CE, and vector-quantize-pytorch's ``VectorQuantize``, at the sizes of
+   the six-GEMM floor, the dense path, the reference backend (``simplexvq.efficient.streamed_softmax_quantize``),
+   the Triton backend with and without KNN-CE, the ``ProductQuantizer`` layer (dense, and with the Triton
+   backend), and vector-quantize-pytorch's ``VectorQuantize``, at the sizes of
    the issue, in float32 and bfloat16. Every measurement is guarded: an error (out of memory, a kernel that does
    not compile, a missing package) is recorded and the script goes on. A time budget skips what would overrun.
 
@@ -41,7 +42,17 @@ QUICK_SIZES = [(16384, 1024, 256), (65536, 8196, 64)]
 DRY_SIZES = [(40, 24, 16), (33, 20, 8)]
 KNN_K = 8
 TEMPERATURE = 0.1
-METHODS = ["six-GEMM floor", "dense", "reference", "triton", "triton, no KNN", "vector-quantize-pytorch"]
+METHODS = [
+    "six-GEMM floor",
+    "dense",
+    "reference",
+    "triton",
+    "triton, no KNN",
+    "layer, dense",
+    "layer, triton",
+    "vector-quantize-pytorch",
+]
+LAYER_METHODS = {"layer, dense": False, "layer, triton": True}  # memory_efficient
 
 
 @dataclass
@@ -210,6 +221,28 @@ def _step_of(method: str, n: int, m: int, d: int, dtype, device) -> Callable[[],
             if k is not None:
                 loss = loss + result.knn_loss.float()
             torch.autograd.grad(loss, inputs)
+
+        return step
+
+    if method in LAYER_METHODS:  # the whole ProductQuantizer (softmax-knn_ce), as users run it
+        import dataclasses
+
+        import simplexvq
+
+        config = simplexvq.quantizer_config("softmax-knn_ce", dim=d, groups=1, codebook_size=m, knn_k=KNN_K)
+        fields = {f.name for f in dataclasses.fields(config)}
+        if LAYER_METHODS[method]:
+            if "backend" not in fields:
+                raise RuntimeError("QuantizerConfig has no backend field: the backend seam is not in this checkout")
+            config = dataclasses.replace(config, memory_efficient=True, backend="triton")
+        layer = simplexvq.ProductQuantizer(config).to(device)
+        x = z.detach().reshape(n, d).requires_grad_(True)
+        parameters = [p for p in layer.parameters() if p.requires_grad]
+
+        def step() -> None:
+            out = layer(x)
+            loss = out.quantized.float().square().mean() + out.loss.float()
+            torch.autograd.grad(loss, [x, *parameters])
 
         return step
 
