@@ -172,8 +172,8 @@ def test_padding_rows_take_no_part(knn_distance):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
 def test_half_precision_accumulates_in_float32(dtype):
-    inputs = _inputs(40, 2, 24, 8, seed=40, dtype=torch.float32)
-    low = [x.detach().to(dtype).requires_grad_(True) for x in inputs]
+    low = [x.detach().to(dtype).requires_grad_(True) for x in _inputs(40, 2, 24, 8, seed=40, dtype=torch.float32)]
+    inputs = [x.detach().float().requires_grad_(True) for x in low]  # the same values, computed in float32
     exact = triton_streamed_softmax_quantize(*inputs, knn_k=3)
     result = triton_streamed_softmax_quantize(*low, knn_k=3)
     assert result.quantized.dtype == dtype and result.knn_loss.dtype == dtype
@@ -211,20 +211,30 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match=r"k=7.*N=6"):
         triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=7)
     valid = torch.tensor([True, False, True, False, False, False], device=DEVICE)
-    with pytest.raises(RuntimeError, match=r"k=3 neighbours.*fewer \(unpadded\) positions"):
-        triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=3, valid=valid)
     with pytest.raises(ValueError, match=r"valid must be a bool tensor of shape \(N,\)"):
         triton_streamed_softmax_quantize(z, codebook, temperature, valid=valid.long())
     with pytest.raises(ValueError, match=r"share one dtype"):
         triton_streamed_softmax_quantize(z, codebook.detach().float(), temperature)
-    with pytest.raises(RuntimeError, match=r"vertices must lie in \[0, M=4\)"):
-        triton_streamed_softmax_quantize(
-            z, codebook, temperature, knn_k=2, vertices=torch.tensor([0, 4], device=DEVICE)
-        )
     with pytest.raises(ValueError, match=r"must be on one device"):
         triton_streamed_softmax_quantize(z, codebook.detach().to("meta"), temperature)
     with pytest.raises(ValueError, match=r"distance must be 'cosine' or 'euclid'"):
         triton_streamed_softmax_quantize(z, codebook, temperature, distance="dot")
+    with pytest.raises(ValueError, match=r"vertices must have shape \(S,\) or \(G=2, S\)"):
+        triton_streamed_softmax_quantize(
+            z, codebook, temperature, knn_k=2, vertices=torch.zeros(3, 1, dtype=torch.long)
+        )
+
+
+@ON_CPU  # on a GPU these are device-side assertions, which would end the CUDA context of the test session
+def test_value_checks_run_on_the_device():
+    z, codebook, temperature = _inputs(6, 2, 4, 3, seed=50)
+    valid = torch.tensor([True, False, True, False, False, False])
+    with pytest.raises(RuntimeError, match=r"k=3 neighbours.*fewer \(unpadded\) positions"):
+        triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=3, valid=valid)
+    with pytest.raises(RuntimeError, match=r"vertices must lie in \[0, M=4\)"):
+        triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=2, vertices=torch.tensor([0, 4]))
+    with pytest.raises(RuntimeError, match=r"vertices must not repeat"):
+        triton_streamed_softmax_quantize(z, codebook, temperature, knn_k=2, vertices=torch.tensor([1, 1]))
 
 
 @ON_CPU
