@@ -402,11 +402,12 @@ def test_traits_agree_with_the_preset_config(name):
     assert traits.smoothing == config.is_smoothing
     assert traits.gumbel == (config.method in ("soft_gumbel", "hard_gumbel"))
     assert traits.knn == (config.regularizer in ("knn_ce", "knn_l2"))
+    assert traits.regularizer == config.regularizer
 
 
 def test_traits_of_third_party_and_unknown_names():
     register_quantizer("test-traits-third-party", overwrite=True)(lambda **kwargs: nn.Identity())
     traits = simplexvq.quantizer_traits("test-traits-third-party")
-    assert not (traits.built_in or traits.smoothing or traits.gumbel or traits.knn)
+    assert not (traits.built_in or traits.smoothing or traits.gumbel or traits.knn) and traits.regularizer is None
     with pytest.raises(KeyError, match="Did you mean 'softmax-knn_ce'"):
         simplexvq.quantizer_traits("softmax-knn-ce")

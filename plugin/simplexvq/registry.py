@@ -115,6 +115,8 @@ class QuantizerTraits:
     """Samples Gumbel noise: its temperature follows ``set_num_updates`` (``QuantizerConfig.gumbel_temperature``)."""
     knn: bool
     """Regularized by eq. 13 (``knn_ce`` / ``knn_l2``): ``knn_k``, ``knn_scope`` and ``vertex_subsample`` apply."""
+    regularizer: str | None
+    """``QuantizerConfig.regularizer`` of a built-in name (``none`` for hard methods); ``None`` for third parties."""
 
 
 def quantizer_traits(name: str) -> QuantizerTraits:
@@ -122,13 +124,14 @@ def quantizer_traits(name: str) -> QuantizerTraits:
     if name not in _REGISTRY:
         raise _unknown(name, known=available_quantizers(), what="quantizer")
     if name not in _PRESETS:
-        return QuantizerTraits(built_in=False, smoothing=False, gumbel=False, knn=False)
+        return QuantizerTraits(built_in=False, smoothing=False, gumbel=False, knn=False, regularizer=None)
     preset = _PRESETS[name]
     return QuantizerTraits(
         built_in=True,
         smoothing=preset["method"] in SMOOTHING_METHODS,
         gumbel=preset["method"] in ("soft_gumbel", "hard_gumbel"),
         knn=preset["regularizer"] in KNN_REGULARIZERS,
+        regularizer=preset["regularizer"],
     )
 
 
