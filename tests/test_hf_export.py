@@ -292,3 +292,20 @@ def test_importing_the_export_imports_neither_transformers_nor_fairseq2():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_fairseq2_own_wav2vec2_exports_features_only(tmp_path, fairseq2_hub):
+    """fairseq2's own ``wav2vec2`` family (Gumbel quantizer): the encoder maps the same way; no quantizer files."""
+    from fairseq2.device import CPU
+    from fairseq2.models.wav2vec2 import Wav2Vec2Config, get_wav2vec2_model_hub
+
+    from simplexvq.fairseq2_extension.config import tiny_encoder_config
+
+    config = Wav2Vec2Config(encoder_config=tiny_encoder_config(), final_dim=16, quantized_dim=16, num_codebooks=2)
+    torch.manual_seed(0)
+    model = get_wav2vec2_model_hub().create_new_model(config, device=CPU).eval()
+    result = hf_export.export_fairseq2_model(model, config, tmp_path / "hf")
+    assert not result.quantizer and not (tmp_path / "hf" / hf_export.QUANTIZER_CONFIG).exists()
+    waveforms, lengths = _batch(seed=17)
+    expected = hf_export.fairseq2_hidden_states(model, waveforms, lengths)
+    _assert_equal_hidden_states(expected, _load(tmp_path / "hf"), waveforms, lengths)
