@@ -495,6 +495,13 @@ def test_the_quantizer_loss_is_reported_as_diversity_and_in_the_aggregate(hub, m
     loss.aggregate.backward()
     with_report = grads(reported)
 
+    reported.eval()  # validation: the recipe's valid metrics report the quantizer's loss the same way
+    with torch.no_grad():
+        loss, output = run(reported, step=0)
+    eval_aux = output.quantizer_output.aux_loss
+    assert eval_aux.item() > 0
+    torch.testing.assert_close(loss.diversity, eval_aux * math.prod(output.logits.shape[:2]))
+
     plain_config = tiny(hub, method=method)
     plain_config.aux_loss_as_diversity = False
     torch.manual_seed(0)

@@ -442,13 +442,17 @@ def export_recipe_model(
     out_dir = Path(out_dir)
     wav2vec2 = pretrainer.wav2vec2
     quantizer = pretrainer.quantizer
-    groups = quantizer.config.groups if isinstance(quantizer, simplexvq.ProductQuantizer) else 1
+    codebook: dict[str, int] = {}
+    if isinstance(quantizer, simplexvq.ProductQuantizer):
+        codebook = {
+            "num_codevector_groups": quantizer.config.groups,
+            "num_codevectors_per_group": quantizer.config.codebook_size,
+        }
     config = hf_config(
         torchaudio_shape(wav2vec2),
-        num_codevector_groups=groups,
-        num_codevectors_per_group=getattr(getattr(quantizer, "config", None), "codebook_size", 320),
         codevector_dim=pretrainer.quantizer_input.out_features,
         proj_codevector_dim=pretrainer.project_q.out_features,
+        **codebook,
     )
     hf_model = _build_hf(config, lambda keys: torchaudio_state_dict(wav2vec2, keys, pretrainer.mask_embedding))
     waveforms, lengths = _check_batch()
