@@ -259,3 +259,40 @@ class ProductQuantizer(nn.Module):
             config.method, nearest.inputs.flatten(1), nearest.codes.flatten(1), config.commitment_weight
         )
         return quantized, nearest.indices, losses, hard_code_stats(nearest.indices, config.codebook_size)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def decode(self, indices: Tensor) -> Tensor:
+        """Code vectors of ``indices`` (..., G): the (..., dim) output that eval mode's hard inference gives for
+        these codes (for hard methods with cosine distance the unit-normalised code vectors, as they quantize on
+        the sphere). ``-1`` (a padded position, as in :attr:`QuantizerOutput.indices`) decodes to zeros.
+
+        Checks that every index lies in ``[-1, codebook_size)``, which reads one boolean back from the device.
+        """
+        config = self.config
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"decode expects a tensor of code indices, got {type(indices).__name__}")
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise ValueError(
+                f"decode expects integer code indices, got dtype {indices.dtype}; pass QuantizerOutput.indices "
+                "(torch.long) or cast with .long()"
+            )
+        if indices.dim() == 0 or indices.shape[-1] != config.groups:
+            raise ValueError(
+                f"decode expects indices of shape (..., groups) = (..., {config.groups}), got "
+                f"{tuple(indices.shape)}; pass QuantizerOutput.indices, which has one code per group"
+            )
+        out_of_range = (indices < -1) | (indices >= config.codebook_size)
+        if bool(out_of_range.any()):
+            bad = indices[out_of_range].flatten()[:5].tolist()
+            raise ValueError(
+                f"decode: code indices must lie in [0, {config.codebook_size}) (codebook_size), or be -1 for "
+                f"padding; got {bad}"
+            )
+        codebook = self.code_vectors()
+        if not config.is_smoothing and config.distance == "cosine":
+            codebook = F.normalize(codebook, dim=-1)
+        flat = indices.reshape(-1, config.groups).to(codebook.device)
+        groups = torch.arange(config.groups, device=codebook.device)
+        vectors = codebook[groups, flat.clamp_min(0)]
+        vectors = torch.where((flat >= 0).unsqueeze(-1), vectors, vectors.new_zeros(()))
+        return vectors.reshape(*indices.shape[:-1], config.dim)
