@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from simplexvq_recipes import natural_patches
+import json
+
+import pytest
+
+import simplexvq
+from simplexvq_recipes import natural_patches, patch_demo
 from simplexvq_recipes.vision import photos
 
 
@@ -13,3 +18,69 @@ def test_one_photo_split_shared_by_the_patch_demo_and_the_vision_recipe():
     assert photos.SKIMAGE_TRAIN == natural_patches.TRAIN_PHOTOS and photos.SKIMAGE_VAL == natural_patches.VAL_PHOTOS
     assert len(set(natural_patches.TRAIN_PHOTOS)) == len(natural_patches.TRAIN_PHOTOS) >= 5
     assert len(set(natural_patches.VAL_PHOTOS)) == len(natural_patches.VAL_PHOTOS) >= 3
+
+
+@pytest.fixture(scope="module")
+def few_patches():
+    """A small slice of the real patches: enough for a few training steps and a usage count."""
+    splits = natural_patches.load_patch_splits(patch_size=4)
+    return natural_patches.PatchSplits(train=splits.train[:8192], val=splits.val[:4096], patch_size=4)
+
+
+def test_every_core_option_reaches_the_demo_quantizer():
+    spec = patch_demo.demo_quantizer().replace(knn_k=3, memory_efficient=True, chunk_size=128, knn_scope="local")
+    config = patch_demo.DemoConfig(quantizer=spec, latent_dim=8)
+    built = patch_demo.PatchAutoencoder(48, config).quantizer.config
+    assert built == spec.config(dim=8)
+    assert (built.knn_k, built.memory_efficient, built.chunk_size, built.codebook_size) == (3, True, 128, 64)
+
+    hard = patch_demo.DemoConfig(method="ste-euclid")  # the shorthand replaces the method, keeps the options
+    assert hard.quantizer == patch_demo.demo_quantizer().replace(method="ste-euclid")
+    built = patch_demo.PatchAutoencoder(48, hard).quantizer.config
+    assert (built.method, built.regularizer, built.distance) == ("ste", "none", "euclid")
+    with pytest.raises(ValueError, match="quantizer.codebook_size must be set"):
+        patch_demo.DemoConfig(quantizer=simplexvq.QuantizerSpec(method="softmax-knn_ce", groups=1))
+
+
+def test_demo_configs_apply_command_line_options_to_every_method_with_core_messages():
+    base = patch_demo.DemoConfig()
+    configs = patch_demo.demo_configs(["softmax-knn_ce", "simvq"], base, [("groups", 2), ("knn_k", 2)])
+    assert [c.quantizer.method for c in configs] == ["softmax-knn_ce", "simvq"]
+    assert all((c.quantizer.groups, c.quantizer.knn_k, c.quantizer.codebook_size) == (2, 2, 64) for c in configs)
+    assert patch_demo.parse_option("memory_efficient=true") == ("memory_efficient", True)
+    assert patch_demo.parse_option("vertex_subsample=null") == ("vertex_subsample", None)
+    with pytest.raises(ValueError, match="Did you mean 'knn_k'"):
+        patch_demo.demo_configs(["softmax-knn_ce"], base, [("knn_kk", 2)])
+    with pytest.raises(ValueError, match="quantizer 'ste-euclid': .*memory_efficient"):
+        patch_demo.demo_configs(["softmax-knn_ce", "ste-euclid"], base, [("memory_efficient", True)])
+    with pytest.raises(KeyError, match="Did you mean 'softmax-knn_ce'"):
+        patch_demo.demo_configs(["softmax-knn_c"], base)
+
+
+def test_demo_command_takes_quantizer_options_and_records_the_spec(few_patches, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(patch_demo, "load_patch_splits", lambda: few_patches)
+    out = tmp_path / "results.json"
+    argv = ["--steps", "2", "--methods", "softmax-knn_ce", "--json", str(out)]
+    results = patch_demo.main([*argv, "--quantizer-option", "groups=2", "chunk_size=64", "memory_efficient=true"])
+    assert "quantizer options: codebook_size=64 groups=2 knn_k=4 memory_efficient=True chunk_size=64" in (
+        capsys.readouterr().out
+    )
+    saved = json.loads(out.read_text())
+    assert (
+        saved[0]["quantizer"]
+        == results[0].quantizer
+        == {
+            "method": "softmax-knn_ce",
+            "codebook_size": 64,
+            "groups": 2,
+            "knn_k": 4,
+            "memory_efficient": True,
+            "chunk_size": 64,
+        }
+    )
+    with pytest.raises(SystemExit):
+        patch_demo.main(["--methods", "ste-euclid", "--quantizer-option", "memory_efficient=true"])
+    assert "quantizer 'ste-euclid'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        patch_demo.main(["--quantizer-option", "knn_k"])
+    assert "expected NAME=VALUE" in capsys.readouterr().err
