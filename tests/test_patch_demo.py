@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 import simplexvq
 from simplexvq_recipes import natural_patches, patch_demo
@@ -24,7 +26,7 @@ def test_one_photo_split_shared_by_the_patch_demo_and_the_vision_recipe():
 def few_patches():
     """A small slice of the real patches: enough for a few training steps and a usage count."""
     splits = natural_patches.load_patch_splits(patch_size=4)
-    return natural_patches.PatchSplits(train=splits.train[:8192], val=splits.val[:4096], patch_size=4)
+    return natural_patches.PatchSplits(train=splits.train[:2048], val=splits.val[:1024], patch_size=4)
 
 
 def test_every_core_option_reaches_the_demo_quantizer():
@@ -84,3 +86,43 @@ def test_demo_command_takes_quantizer_options_and_records_the_spec(few_patches, 
     with pytest.raises(SystemExit):
         patch_demo.main(["--quantizer-option", "knn_k"])
     assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_demo_table() -> list[str]:
+    """The lines of the README's patch-demo table (header first)."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    header = patch_demo.format_table([], 64).splitlines()[0]
+    assert header in lines, "the README's patch-demo table has another header than the command prints"
+    start = lines.index(header)
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return lines[start:end]
+
+
+def _cells(row: str) -> list[str]:
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def test_readme_demo_table_is_what_a_fresh_run_prints():
+    table = readme_demo_table()
+    rows = {_cells(row)[0]: row for row in table[2:]}
+    assert list(rows) == list(patch_demo.TABLE1_METHODS), "the README lists every default method, in order"
+    data = natural_patches.load_patch_splits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method in ("ste-euclid", "softmax-knn_ce"):  # a collapsing and a KNN row
+            fresh = patch_demo.train_and_evaluate(patch_demo.DemoConfig(method=method), data)
+            expected = _cells(patch_demo.format_table([fresh], 64).splitlines()[2])
+            quoted = _cells(rows[method])
+            assert quoted[:4] == expected[:4], f"README row {method}: {quoted} but a fresh run gives {expected}"
+            # perplexity and rMSE: equal up to the last printed digit (threads may change the float sums slightly)
+            assert (
+                abs(float(quoted[4]) - float(expected[4])) <= 0.1 and abs(float(quoted[5]) - float(expected[5])) <= 1e-4
+            )
+    finally:
+        torch.set_num_threads(threads)
