@@ -132,18 +132,21 @@ def _ogg_truncation(tail: bytes) -> str | None:
 
 
 def _mp3_truncation(head: bytes, size: int) -> str | None:
-    """Compare the byte count of a Xing/Info header (flag 0x2) with the bytes from its MPEG frame to the end."""
+    """Compare the byte count of a Xing/Info header (flag 0x2) with the bytes from its MPEG frame to the end. The
+    tag counts only inside an MPEG frame: a frame sync (``0xFF``, then 3 set bits) at most 40 bytes before it."""
     for tag in (b"Xing", b"Info"):
         position = head.find(tag)
         if position < 0 or position + 16 > len(head):
+            continue
+        frame_start = head.rfind(b"\xff", max(0, position - 40), position)
+        if frame_start < 0 or head[frame_start + 1] & 0xE0 != 0xE0:
             continue
         (flags,) = struct.unpack(">I", head[position + 4 : position + 8])
         if not flags & 0x2:
             return None
         field = position + 8 + (4 if flags & 0x1 else 0)
         (declared,) = struct.unpack(">I", head[field : field + 4])
-        frame_start = head.rfind(b"\xff", 0, position)
-        available = size - max(frame_start, 0)
+        available = size - frame_start
         if declared > available:
             return f"the MP3's {tag.decode()} header declares {declared} bytes but {available} follow"
         return None
