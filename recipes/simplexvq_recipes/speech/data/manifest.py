@@ -215,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
         warnings.warn(f"left out of the manifest: {error}", stacklevel=1)
     if errors:
         print(
-            f"left out {len(errors)} unreadable or truncated file(s), listed in the warnings (--strict stops instead)"
+            f"left out {len(errors)} unreadable or truncated file(s), listed in the warnings: copy or decode them "
+            "again (or delete them) and re-run to include them; --strict stops at the first one instead"
         )
     if not entries:
         raise FileNotFoundError(f"no readable audio files ({', '.join(args.ext)}) under {args.audio_dir}")
