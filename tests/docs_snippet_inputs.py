@@ -34,10 +34,10 @@ def pretrained_run(folder: str | Path, run: str = RUN, step: int = STEP) -> Path
 
 
 def speech_downstream_outputs(folder: str | Path) -> None:
-    """What docs/speech-downstream.md's commands write: a run, ``encoder.pt`` (export) and ``feats/valid``
-    (extract_features on a two-utterance manifest ``data/valid.tsv``)."""
+    """What docs/speech-downstream.md's commands write: a run, ``encoder.pt`` (export), ``HF_DIR`` (hf_export) and
+    ``feats/valid`` (extract_features on a two-utterance manifest ``data/valid.tsv``)."""
     from simplexvq_recipes.speech.data.manifest import ManifestEntry, write_manifest
-    from simplexvq_recipes.speech.downstream import export, extract_features
+    from simplexvq_recipes.speech.downstream import export, extract_features, hf_export
 
     folder = Path(folder)
     run_dir = pretrained_run(folder)
@@ -49,4 +49,5 @@ def speech_downstream_outputs(folder: str | Path) -> None:
         entries.append(ManifestEntry(f"utt{index}.wav", samples))
     manifest = write_manifest(folder / "data" / "valid.tsv", audio, entries)
     export.export(run_dir, folder / "encoder.pt")
+    hf_export.main([str(run_dir), str(folder / "HF_DIR")])
     extract_features.main([str(run_dir), str(manifest), str(folder / "feats" / "valid"), "--layers", "1", "2"])

@@ -31,7 +31,10 @@ PREPARE: dict[str, str] = {
     "docs/speech-downstream.md": """
         sys.path.insert(0, TESTS)
         from docs_snippet_inputs import speech_downstream_outputs
-        speech_downstream_outputs(".")  # runs/w2v-knn_ce, encoder.pt, feats/valid as the documented commands write
+        speech_downstream_outputs(".")  # runs/w2v-knn_ce, encoder.pt, HF_DIR, feats/valid as the commands write
+        import torch
+        mask = torch.ones(2, 16000, dtype=torch.long)  # attention mask of the padded batch (B, samples)
+        mask[1, 12000:] = 0
     """,
     "docs/speech.md": """
         import torch

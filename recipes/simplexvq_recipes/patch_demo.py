@@ -31,18 +31,7 @@ import simplexvq
 from simplexvq_recipes.natural_patches import PatchSplits, load_patch_splits
 
 # The rows of the paper's Table 1, in its order, plus SimVQ (a baseline the paper does not have).
-TABLE1_METHODS: tuple[str, ...] = (
-    "ste-euclid",
-    "ste-cosine",
-    "rotation-euclid",
-    "rotation-cosine",
-    *(
-        f"{smoothing}-{regularizer}"
-        for smoothing in ("hard_gumbel", "soft_gumbel", "softmax")
-        for regularizer in ("perplexity", "knn_l2", "knn_ce")
-    ),
-    "simvq",
-)
+TABLE1_METHODS: tuple[str, ...] = simplexvq.paper_methods("table1", include_simvq=True)
 
 
 def demo_quantizer() -> simplexvq.QuantizerSpec:
