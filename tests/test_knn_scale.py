@@ -238,7 +238,7 @@ def test_select_among_gathered_is_the_global_topk():
     candidates = []
     for rank in range(3):
         local = rows[rank].topk(min(k, rows[rank].shape[0]), dim=0, largest=False).values
-        candidates.append(torch.cat([local, torch.full((k - local.shape[0], columns), float("inf"), dtype=DT)]))
+        candidates.append(torch.cat([local, torch.full((k - local.shape[0], columns), float("nan"), dtype=DT)]))
     gathered = torch.stack(candidates)
     everything = torch.cat([rows[r] for r in range(3)])
     expected = everything.topk(k, dim=0, largest=False).values
@@ -247,11 +247,23 @@ def test_select_among_gathered_is_the_global_topk():
         selected, total = select_among_gathered(gathered, k, rank)
         picked.append(torch.where(selected, candidates[rank], torch.zeros_like(candidates[rank])))
         sums.append(total)
-        assert not bool((selected & torch.isinf(candidates[rank])).any())
+        assert not bool((selected & torch.isnan(candidates[rank])).any())
     torch.testing.assert_close(sum(p.sum(dim=0) for p in picked), expected.sum(dim=0))
     assert sum(int(s.sum()) for s in (select_among_gathered(gathered, k, r)[0] for r in range(3))) == k * columns
     assert all(torch.equal(s, sums[0]) for s in sums)
     torch.testing.assert_close(sums[0], expected.sum())
+
+
+def test_select_among_gathered_prefers_infinite_deviations_to_empty_slots():
+    """Rank 0 holds one real row at +inf deviation and an empty slot, rank 1 one real row: with K = 2 both real rows
+    are selected, the empty slot never."""
+    inf, nan = float("inf"), float("nan")
+    gathered = torch.tensor([[[inf], [nan]], [[1.0], [nan]]], dtype=DT)
+    selected_0, total = select_among_gathered(gathered, 2, 0)
+    selected_1, _ = select_among_gathered(gathered, 2, 1)
+    assert selected_0[:, 0].tolist() == [True, False]
+    assert selected_1[:, 0].tolist() == [True, False]
+    assert total.item() == inf
 
 
 @pytest.mark.parametrize(

@@ -312,7 +312,8 @@ class _StreamedSoftmax(torch.autograd.Function):
             if spec.world is None:
                 selected, total_top = state.rows >= 0, state.values.sum()
             else:
-                selected, total_top = knn.select_global(state.values, spec.k, spec.world)
+                candidates = knn.empty_slots_last(state.values, state.rows)
+                selected, total_top = knn.select_global(candidates, spec.k, spec.world)
                 selected &= state.rows >= 0
                 scale = float(spec.world.size)
             loss = total_top / (spec.k * columns)

@@ -48,6 +48,7 @@ __all__ = [
     "check_vertices",
     "default_chunk_size",
     "deviation",
+    "empty_slots_last",
     "global_row_count",
     "knn_loss_scaled",
     "score_candidates",
@@ -286,13 +287,22 @@ class RunningTopK:
         every = columns.numel() == self.values.shape[1]
         old_values = self.values if every else self.values.index_select(1, columns)
         old_rows = self.rows if every else self.rows.index_select(1, columns)
-        top = torch.cat([old_values, values]).topk(self.k, dim=0, largest=False, sorted=False)
-        new_rows = torch.cat([old_rows, rows.expand(-1, values.shape[1])]).gather(0, top.indices)
+        all_values = torch.cat([old_values, values])
+        all_rows = torch.cat([old_rows, rows.expand(-1, values.shape[1])])
+        top = empty_slots_last(all_values, all_rows).topk(self.k, dim=0, largest=False, sorted=False)
+        new_values, new_rows = all_values.gather(0, top.indices), all_rows.gather(0, top.indices)
         if every:
-            self.values, self.rows = top.values, new_rows
+            self.values, self.rows = new_values, new_rows
         else:
-            self.values[:, columns] = top.values
+            self.values[:, columns] = new_values
             self.rows[:, columns] = new_rows
+
+
+def empty_slots_last(values: Tensor, rows: Tensor) -> Tensor:
+    """``values`` with NaN in empty slots (``rows < 0``): ``topk(largest=False)`` ranks NaN after every number,
+    ``+inf`` included, so a real row whose deviation is ``+inf`` (probability exactly 0) wins against an empty slot
+    (an ``+inf`` placeholder would tie with it and could take its place)."""
+    return torch.where(rows >= 0, values, values.new_full((), float("nan")))
 
 
 @torch.no_grad()
@@ -407,7 +417,8 @@ def global_row_count(num_rows: int, world: World, device: torch.device) -> int:
 
 
 def select_among_gathered(gathered: Tensor, k: int, rank: int) -> tuple[Tensor, Tensor]:
-    """Global top-K from the candidates of all ranks, ``gathered`` (W, K, C) (``+inf`` = no candidate).
+    """Global top-K from the candidates of all ranks, ``gathered`` (W, K, C) (NaN = no candidate: it ranks after
+    every deviation, ``+inf`` included; see :func:`empty_slots_last`).
 
     Returns the mask (K, C) of ``rank``'s candidates that are among the K smallest of their column over all ranks,
     and the sum of those K smallest values over every column (identical on every rank). Pure; ties are broken by
@@ -473,7 +484,7 @@ def knn_loss_scaled(
         top = deviations.topk(local_k, dim=0, largest=False, sorted=False).values  # (local K, C), differentiable
         if world is None:
             return top.sum() / normaliser
-        padded = torch.cat([top.detach(), top.new_full((k - local_k, columns), float("inf"))])
+        padded = torch.cat([top.detach(), top.new_full((k - local_k, columns), float("nan"))])
         selected, total = select_global(padded, k, world)
         local_part = torch.where(selected[:local_k], top, torch.zeros_like(top)).sum() / normaliser
         return with_scaled_gradient(total / normaliser, local_part, world.size)
@@ -487,7 +498,7 @@ def knn_loss_scaled(
     if world is None:
         selected, total, scale = state.rows >= 0, state.values.sum(), 1.0
     else:
-        selected, total = select_global(state.values, k, world)
+        selected, total = select_global(empty_slots_last(state.values, state.rows), k, world)
         selected &= state.rows >= 0
         scale = float(world.size)
     return _SelectedDeviation.apply(
