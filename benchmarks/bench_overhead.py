@@ -55,8 +55,8 @@ def matmul_floor(n: int, m: int, d: int) -> Callable[[], None]:
 def training_steps(layer: Layer, n: int, d: int, same_batch: bool) -> Callable[[], None]:
     """One training step per call, as in training: a new batch (drawn ahead, copied into the input), forward +
     backward, then an Adam step (lr 1e-3) on the layer's parameters. The KNN-CE search carries a ceiling from step
-    to step (``simplexvq.ceiling``); new batches and moving parameters keep it honest. ``same_batch``: the batch
-    and the parameters never change (the measurement before the ceiling existed)."""
+    to step (``simplexvq.scale.backends.ceiling``); new batches and moving parameters keep it honest.
+    ``same_batch``: the batch and the parameters never change (the measurement before the ceiling existed)."""
     if same_batch:
         return lambda: train_step(layer)
     generator = torch.Generator().manual_seed(1)

@@ -26,10 +26,12 @@ from torch.utils._pytree import tree_flatten
 
 import simplexvq
 from simplexvq import functional as VQF
-from simplexvq.blockmax import BlockMaxima
-from simplexvq.ceiling import CeilingTopK, kept_per_column
 from simplexvq.efficient import soft_quantize, streamed_softmax_quantize
 from simplexvq.knn import RunningTopK, select_among_gathered, streamed_topk
+from simplexvq.scale.backends import CpuBackend
+from simplexvq.scale.backends.blockmax import BlockMaxima
+from simplexvq.scale.backends.candidates import merge_scores
+from simplexvq.scale.backends.ceiling import CeilingTopK, kept_per_column
 
 DT = torch.float64
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -140,8 +142,8 @@ def test_block_maxima_equal_max_and_first_argmax(shape, values):
 @pytest.mark.parametrize("size", [64, 133, 20])
 @pytest.mark.parametrize("order", ["random", "ties", "descending"])
 @pytest.mark.parametrize("chunk", [1, 9, 50])
-def test_update_from_scores_equals_update_on_deviations(size, order, chunk):
-    """The block-bound candidate search of ``update_from_scores`` finds exactly the entries of ``update``'s
+def test_merge_scores_equals_update_on_deviations(size, order, chunk):
+    """The block-bound candidate search of ``merge_scores`` finds exactly the entries of ``update``'s
     comparison: same K smallest values and rows per column, for blocks with and without a partial last one, ties
     (integer scores) and an order in which every entry is a candidate."""
     groups, num_rows, k = 2, 150, 3
@@ -160,7 +162,7 @@ def test_update_from_scores_equals_update_on_deviations(size, order, chunk):
     for start in range(0, num_rows, chunk):
         part = slice(start, start + chunk)
         reference.update(deviations[part], start)
-        state.update_from_scores(scores[:, part], offsets[:, part], BlockMaxima.of(scores[:, part], 16), start)
+        merge_scores(state, scores[:, part], offsets[:, part], BlockMaxima.of(scores[:, part], 16), start)
     assert state.rows_seen == reference.rows_seen == num_rows
     assert torch.equal(
         state.values.sort(dim=0).values, deviations.topk(k, dim=0, largest=False).values.sort(dim=0).values
@@ -593,7 +595,7 @@ def test_global_knn_matches_single_process(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The ceiling carried over between steps (simplexvq.ceiling)
+# The ceiling carried over between steps (simplexvq.scale.backends.ceiling)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -694,9 +696,9 @@ def test_streamed_quantize_with_a_hint_equals_without():
     ).double()
     dense = simplexvq.build_quantizer("softmax-knn_ce", dim=8, groups=2, codebook_size=133, knn_k=3).double()
     dense.load_state_dict(efficient.state_dict())
-    assert "_knn_hint" not in efficient.state_dict()
+    assert not any("hint" in name for name in efficient.state_dict())
     for seed in (34, 35):
         x = torch.randn(2, 75, 8, generator=_gen(seed), dtype=DT)
         losses = [quantizer(x).losses["knn_ce"] for quantizer in (efficient, dense)]
         torch.testing.assert_close(losses[0], losses[1])
-        assert efficient._knn_hint is not None
+        assert isinstance(efficient.streamed_backend, CpuBackend) and efficient.streamed_backend.knn_hint is not None
