@@ -40,8 +40,8 @@ class TritonBackend(StreamedBackend):
     name = "triton"
     sync_free = True
 
-    def __init__(self, load: Callable[[], ModuleType] = load_triton_kernels) -> None:
-        self._load = load
+    def __init__(self, load: Callable[[], ModuleType] | None = None) -> None:
+        self._load = load  # None: :func:`load_triton_kernels`, looked up at the first call
         self._kernels: ModuleType | None = None
         self._fallback: ReferenceBackend | None = None
         self._proven = False
@@ -65,7 +65,7 @@ class TritonBackend(StreamedBackend):
         if self._kernels is not None or self._fallback is not None:
             return
         try:
-            kernels = self._load()
+            kernels = (self._load or load_triton_kernels)()
         except ImportError as error:
             self._fall_back(f"the kernels cannot be imported: {error}")
             return
