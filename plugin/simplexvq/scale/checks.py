@@ -59,9 +59,16 @@ def check_vertices(vertices: Tensor | None, groups: int, codebook_size: int, fun
         raise ValueError(
             f"{function}: vertices must have shape (S,) or (G={groups}, S) with S >= 1, got {tuple(vertices.shape)}"
         )
-    if bool((vertices < 0).any()) or bool((vertices >= codebook_size).any()):
-        raise ValueError(f"{function}: vertices must lie in [0, M={codebook_size})")
+    out_of_range = (vertices < 0).any() | (vertices >= codebook_size).any()
     ordered = vertices.sort(dim=-1).values
-    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-        raise ValueError(f"{function}: vertices must not repeat within a group (a repeated vertex counts twice)")
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any()
+    range_message = f"{function}: vertices must lie in [0, M={codebook_size})"
+    repeat_message = f"{function}: vertices must not repeat within a group (a repeated vertex counts twice)"
+    if torch.compiler.is_compiling():  # traced: checked on the device, nothing read back
+        torch._assert_async(~out_of_range, range_message)
+        torch._assert_async(~repeated, repeat_message)
+    elif bool(out_of_range):
+        raise ValueError(range_message)
+    elif bool(repeated):
+        raise ValueError(repeat_message)
     return vertices.long()

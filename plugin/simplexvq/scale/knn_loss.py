@@ -29,7 +29,9 @@ def knn_loss_scaled(
     The value is ``(K G S)^-1`` times the sum, over every (group, vertex) column, of the K smallest deviations
     (over all ranks for a global search). For the global search the gradient is W times this rank's share (see
     the module docstring). ``chunk_size`` streams the top-K over rows and computes the gradient in chunks with an
-    analytic backward, so no (N, G, M) temporary beyond the gradient itself is built.
+    analytic backward, so no (N, G, M) temporary beyond the gradient itself is built. Under ``torch.compile`` the
+    dense top-K is used whatever ``chunk_size`` says (same value and gradient; the streamed top-K extracts
+    candidates with data-dependent sizes, which a traced graph cannot hold).
     """
     world = world_of(scope, group)
     num_rows, groups, codebook_size = log_probs.shape
@@ -43,7 +45,7 @@ def knn_loss_scaled(
         check_k_fits(k, global_row_count(num_rows, world, log_probs.device), "knn_loss", world.size)
     normaliser = k * columns
 
-    if chunk_size is None:
+    if chunk_size is None or torch.compiler.is_compiling():  # traced: the dense top-K (streaming reads sizes back)
         deviations = deviation(log_probs, distance, vertices).reshape(num_rows, columns)
         local_k = min(k, num_rows)
         top = deviations.topk(local_k, dim=0, largest=False, sorted=False).values  # (local K, C), differentiable

@@ -68,7 +68,8 @@ def check_streamed_arguments(
 ) -> StreamedArguments:
     """Raise ``ValueError`` naming the problem and the fix; join the row count's ``all_reduce`` for a global
     search. Counting the valid rows reads a value back from the device (these checks serve the backends that
-    compact rows; a sync-free backend checks on the device)."""
+    compact rows; a sync-free backend checks on the device), except under ``torch.compile`` where K against the
+    number of valid rows is a device-side assertion."""
     if z.dim() != 3 or codebook.dim() != 3 or z.shape[1:] != (codebook.shape[0], codebook.shape[2]):
         raise ValueError(
             f"{function}: z must be (N, G, d) and codebook (G, M, d), got {tuple(z.shape)} and {tuple(codebook.shape)}"
@@ -91,6 +92,13 @@ def check_streamed_arguments(
     if vertices is not None:
         vertices = vertices.to(z.device)
     world = world_of(scope, group)
+    if valid is not None and world is None and torch.compiler.is_compiling():  # traced: checked on the device
+        torch._assert_async(
+            valid.sum() >= knn_k,
+            f"knn_loss: k={knn_k} neighbours per code vector requested, but the batch holds fewer (unpadded) "
+            "positions; K must not exceed N: lower k or use a larger batch",
+        )
+        return StreamedArguments(k=knn_k, vertices=vertices, world=world, chunk_size=chunk_size)
     num_rows = z.shape[0] if valid is None else int(valid.sum())
     if world is None:
         check_k_fits(knn_k, num_rows, "knn_loss")
