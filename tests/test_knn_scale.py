@@ -577,6 +577,7 @@ def test_global_knn_matches_single_process(tmp_path):
         for rank, report in enumerate(reports):
             got = report["quantizer"][name]
             assert got["valid_rows"] == rows[rank].shape[0]
+            assert not got["fell_back"], f"{name}: the Triton backend fell back to the reference backend"
             torch.testing.assert_close(_tensor(got["loss"]), loss.detach(), msg=f"{name} rank {rank} loss")
             for param_name, param in quantizer.named_parameters():
                 torch.testing.assert_close(
@@ -588,6 +589,7 @@ def test_global_knn_matches_single_process(tmp_path):
             torch.testing.assert_close(_tensor(got["z_grad"]), expected.reshape(-1), msg=f"{name} z grad")
     assert any(r["quantizer"]["efficient-rank0-empty"]["valid_rows"] == 0 for r in reports)
     assert any(r["quantizer"]["dense-rank0-all-padding"]["valid_rows"] == 0 for r in reports)
+    assert any(r["quantizer"]["efficient-rank0-all-padding-triton"]["valid_rows"] == 0 for r in reports)
 
     for report in reports:  # K above the global N: the same error on both ranks, nobody hangs
         message = report["errors"]["k-above-global-n"]
