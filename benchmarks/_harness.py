@@ -13,13 +13,16 @@ CPU time is the work done, insensitive to other processes sharing the cores; the
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,13 +64,15 @@ def build_layer(case: dict) -> Layer:
     z = torch.randn(1, n, d, requires_grad=True)
     upstream = torch.randn(1, n, d)
     if name.startswith(("softmax", "ste", "rotation")):
-        import simplexvq
+        simplexvq = importlib.import_module(case.get("package", "simplexvq"))
 
         efficient = name.endswith("-efficient")
         preset = name.removesuffix("-efficient")
         overrides = {"knn_k": case.get("k", KNN_K)} if "knn" in preset else {}
         if efficient:
             overrides.update(memory_efficient=True, chunk_size=case.get("chunk_size"))
+        if case.get("backend"):
+            overrides["backend"] = case["backend"]
         if case.get("vertex_subsample"):
             overrides["vertex_subsample"] = case["vertex_subsample"]
         module = simplexvq.build_quantizer(preset, dim=d, codebook_size=m, **overrides)
@@ -99,6 +104,33 @@ def build_layer(case: dict) -> Layer:
         raise ValueError(f"unknown layer {name!r}; known: {', '.join(LAYERS)}")
     module.train()
     return Layer(module=module, inputs=z, step=step)
+
+
+def load_baseline(revision: str) -> str:
+    """Import the core library as it was at git ``revision`` under the name ``simplexvq_baseline`` (its files
+    copied to a temporary folder with the package name rewritten), so that a benchmark can time the old and the
+    current code side by side in one process. Returns the module name."""
+    name = "simplexvq_baseline"
+    root = Path(tempfile.mkdtemp(prefix="simplexvq-baseline-"))
+    listing = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", revision, "plugin/simplexvq"],
+        cwd=BENCH_DIR.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for path in listing:
+        if not path.endswith(".py"):
+            continue
+        source = subprocess.run(
+            ["git", "show", f"{revision}:{path}"], cwd=BENCH_DIR.parent, capture_output=True, text=True, check=True
+        ).stdout
+        target = root / name / Path(path).relative_to("plugin/simplexvq")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(re.sub(r"\bsimplexvq\b", name, source))
+    sys.path.insert(0, str(root))
+    importlib.import_module(name)
+    return name
 
 
 def train_step(layer: Layer) -> None:
