@@ -301,3 +301,20 @@ def test_quantizer_training_step_survives_a_failing_kernel(monkeypatch):
     torch.testing.assert_close(out.loss, expected.loss)
     torch.testing.assert_close(out.quantized, expected.quantized)
     torch.testing.assert_close(failing.codebook.weight.grad, reference.codebook.weight.grad)
+
+
+def test_a_quantizer_with_a_triton_backend_can_be_deep_copied(monkeypatch):
+    """A copy (an EMA teacher, ``copy.deepcopy(model)``) drops the loaded kernel module and loads it again when
+    called."""
+    import copy
+
+    monkeypatch.setattr(triton_backend, "load_triton_kernels", lambda: fake_triton_kernels)
+    quantizer = simplexvq.build_quantizer(
+        "softmax-knn_ce", dim=8, groups=2, codebook_size=M, knn_k=K, memory_efficient=True, backend="triton"
+    )
+    z = torch.randn(2, 9, 8)
+    expected = quantizer(z).loss
+    twin = copy.deepcopy(quantizer)
+    assert twin.streamed_backend._kernels is None
+    torch.testing.assert_close(twin(z).loss, expected)
+    assert fake_triton_kernels.calls == 2 and not twin.streamed_backend.fell_back

@@ -46,6 +46,11 @@ class TritonBackend(StreamedBackend):
         self._fallback: ReferenceBackend | None = None
         self._proven = False
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles (``copy.deepcopy(model)``, ``torch.save(model)``) leave out the kernel module and the
+        loader; the copy loads the kernels again at its first call."""
+        return {**self.__dict__, "_kernels": None, "_load": None, "_proven": False}
+
     @property
     def fell_back(self) -> bool:
         """Whether this backend now runs the reference backend."""
