@@ -15,6 +15,10 @@ code, or two backends, are compared under the same load.
 
     .venv/bin/python benchmarks/bench_overhead.py
     .venv/bin/python benchmarks/bench_overhead.py --size 16384,1024,64 --baseline 86ebd39 --backends
+
+``--count-ops`` instead counts the aten ops of one training step, and those that would sync a GPU, for the dense
+layer and the memory-efficient one on each backend (the Triton backend only where its kernels can run), at each
+size (:func:`_harness.count_ops`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,17 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from _harness import Layer, build_layer, environment, load_baseline, round_robin, save, table, train_step
+from _harness import (
+    Layer,
+    build_layer,
+    count_ops,
+    environment,
+    load_baseline,
+    round_robin,
+    save,
+    table,
+    train_step,
+)
 
 from simplexvq.efficient import soft_quantize
 
@@ -93,6 +107,37 @@ def sdpa_output(n: int, m: int, d: int) -> Callable[[], None]:
     return run
 
 
+def count_all_ops(sizes: list[tuple[int, int, int]], args: argparse.Namespace) -> None:
+    """Ops and syncing ops of one training step per layer and size (see :func:`_harness.count_ops`)."""
+    import importlib
+
+    try:
+        triton_ready = importlib.import_module("simplexvq.scale.triton").triton_available()[0]
+    except ImportError:
+        triton_ready = False
+    variants = {
+        "dense softmax-knn_ce": {"layer": "softmax-knn_ce"},
+        **{
+            f"efficient softmax-knn_ce [{backend}]": {"layer": "softmax-knn_ce-efficient", "backend": backend}
+            for backend in ("cpu", "reference", "triton")
+            if backend != "triton" or triton_ready
+        },
+    }
+    results, rows = [], []
+    for n, m, d in sizes:
+        counts = {name: count_ops(build_layer({**case, "n": n, "m": m, "d": d})) for name, case in variants.items()}
+        results.append({"n": n, "m": m, "d": d, "counts": counts})
+        rows.append([n, m, d, *(f"{c['ops']} / {c['syncing']}" for c in counts.values())])
+        print(n, m, d, counts)
+    markdown = (
+        "Aten ops / ops that sync a GPU, one training step (forward + backward, K = 8)"
+        + ("" if triton_ready else "; the Triton kernels cannot run here, so their row is missing")
+        + ".\n\n"
+        + table(["N", "M", "D", *variants], rows)
+    )
+    save(args.name, {"environment": environment(), "results": results}, markdown)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -106,8 +151,12 @@ def main() -> None:
     parser.add_argument("--name", default="overhead", help="results file name (benchmarks/results/NAME.json|md)")
     parser.add_argument("--baseline", metavar="REV", help="also time the efficient layers of git revision REV")
     parser.add_argument("--backends", action="store_true", help="also time efficient KNN-CE on the reference backend")
+    parser.add_argument("--count-ops", action="store_true", help="count ops and syncing ops instead of timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.count_ops:
+        count_all_ops([tuple(int(v) for v in size.split(",")) for size in args.size] if args.size else SIZES, args)
+        return
     baseline = load_baseline(args.baseline) if args.baseline else None
 
     results = []
