@@ -60,7 +60,15 @@ def _backend(name: str, kernels: str = "fake") -> backends.StreamedBackend:
     return backends.TritonBackend(load=lambda: REAL_KERNELS)
 
 
-BACKEND_CASES = [("reference", ""), ("cpu", ""), ("triton", "fake"), ("triton", "real")]
+BACKEND_CASES = [("reference", ""), ("cpu", ""), ("triton", "fake")]
+# The real kernels run in Triton's interpreter (seconds per case): a few cases covering every option once; the
+# kernels' own tests (tests/test_triton_backend.py) cover them in depth.
+REAL_KERNEL_CASES = [  # dtype, distance, knn distance, compute_output, padded, vertex subset
+    (torch.float64, "cosine", "ce", True, True, True),
+    (torch.float32, "euclid", "l2", True, True, False),
+    (torch.float64, "euclid", "ce", False, False, True),
+    (torch.float32, "cosine", None, True, False, False),
+]
 
 
 def _inputs(dtype, seed=0):
@@ -150,6 +158,14 @@ def _compare(name, kernels, dtype, distance, knn_distance, compute_output, padde
 def test_backend_equals_dense_path(name, kernels, dtype, distance, knn_distance, padded, subset):
     """Values (output, eq. 13, codes, statistics) and gradients (z, Q, tau) of the dense path, G = 2 groups."""
     _compare(name, kernels, dtype, distance, knn_distance, True, padded, subset)
+
+
+@pytest.mark.parametrize(("dtype", "distance", "knn_distance", "compute_output", "padded", "subset"), REAL_KERNEL_CASES)
+def test_triton_backend_on_the_real_kernels_equals_dense_path(
+    dtype, distance, knn_distance, compute_output, padded, subset
+):
+    """The Triton backend object around the real kernels (interpreted on CPU tensors), against the dense path."""
+    _compare("triton", "real", dtype, distance, knn_distance, compute_output, padded, subset)
 
 
 @pytest.mark.parametrize(("name", "kernels"), BACKEND_CASES)
