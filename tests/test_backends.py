@@ -334,3 +334,38 @@ def test_a_quantizer_with_a_triton_backend_can_be_deep_copied(monkeypatch):
     assert twin.streamed_backend._kernels is None
     torch.testing.assert_close(twin(z).loss, expected)
     assert fake_triton_kernels.calls == 2 and not twin.streamed_backend.fell_back
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("regularizer", ["knn_ce", "knn_l2"])
+def test_quantizer_on_the_sync_free_path_equals_the_compacting_path(monkeypatch, training, regularizer):
+    """backend='triton' keeps padded rows in place (masks); backend='cpu' compacts them: same output, codes (-1 at
+    padding), losses, statistics and gradients, in training and in eval mode (hard codes)."""
+    monkeypatch.setattr(triton_backend, "load_triton_kernels", lambda: fake_triton_kernels)
+    config = dict(dim=8, groups=2, codebook_size=M, knn_k=K, memory_efficient=True, chunk_size=CHUNK)
+    torch.manual_seed(0)
+    in_place = simplexvq.build_quantizer(f"softmax-{regularizer}", backend="triton", **config).double()
+    compacting = simplexvq.build_quantizer(f"softmax-{regularizer}", backend="cpu", **config).double()
+    compacting.load_state_dict(in_place.state_dict())
+    z = torch.randn(3, 11, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    z[1, 7:] = float("nan")  # padding may hold anything
+    padding = torch.zeros(3, 11, dtype=torch.bool)
+    padding[1, 7:] = True
+    outputs = []
+    for quantizer in (in_place, compacting):
+        quantizer.train(training)
+        leaf = z.clone().requires_grad_()
+        out = quantizer(leaf, padding)
+        (out.loss + out.quantized.nan_to_num().square().sum()).backward()
+        outputs.append((out, leaf.grad, quantizer.codebook.weight.grad, quantizer.logits.log_temperature.grad))
+    (got, *got_grads), (want, *want_grads) = outputs
+    assert fake_triton_kernels.calls == 1 and not in_place.streamed_backend.fell_back
+    torch.testing.assert_close(got.quantized, want.quantized)
+    assert torch.count_nonzero(got.quantized[1, 7:]) == 0 and bool((got.indices[1, 7:] == -1).all())
+    assert torch.equal(got.indices, want.indices)
+    assert got.losses.keys() == want.losses.keys()
+    torch.testing.assert_close(got.loss, want.loss)
+    for key in want.stats:
+        torch.testing.assert_close(got.stats[key], want.stats[key], msg=key)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)

@@ -1,4 +1,4 @@
-"""The CPU backend of the streamed softmax layer: today's CPU speed tricks around one chunked autograd function.
+"""The CPU backend of the streamed softmax layer: CPU speed tricks around one chunked autograd function.
 
 Forward: per chunk of rows, the logits as one ``bmm`` into a reused buffer, the softmax, the output, the hard codes
 (a fast first-index argmax from block maxima, :mod:`~simplexvq.scale.backends.blockmax`), the statistics and the
