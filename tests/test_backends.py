@@ -13,7 +13,8 @@ import importlib
 import os
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported: kernels run on CPU tensors
+if os.environ.get("SIMPLEXVQ_TRITON_TEST_DEVICE") != "cuda":  # the kernels' own tests' switch to a GPU run
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported: kernels on CPU tensors
 
 import fake_triton_kernels  # noqa: E402
 import pytest  # noqa: E402
@@ -30,7 +31,9 @@ CHUNK = 8
 
 
 def _real_kernels():
-    """The real kernel module if it is importable and can run here, else ``None``."""
+    """The real kernel module if it is importable and can run on CPU tensors here (interpreted), else ``None``."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
     try:
         module = importlib.import_module("simplexvq.scale.triton")
     except ImportError:
@@ -116,9 +119,9 @@ def _compare(name, kernels, dtype, distance, knn_distance, compute_output, padde
     valid, vertices = _valid(padded), _vertices(subset)
     knn_k = None if knn_distance is None else K
     options = dict(distance=distance, knn_k=knn_k, knn_distance=knn_distance or "ce", compute_output=compute_output)
-    result = _backend(name, kernels).quantize(
-        z, codebook, temperature, chunk_size=CHUNK, vertices=vertices, valid=valid, **options
-    )
+    backend = _backend(name, kernels)
+    result = backend.quantize(z, codebook, temperature, chunk_size=CHUNK, vertices=vertices, valid=valid, **options)
+    assert not getattr(backend, "fell_back", False)
     expected = dense_path(z, codebook, temperature, vertices=vertices, valid=valid, **options)
     tolerance = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
     keep = slice(None) if valid is None else valid
