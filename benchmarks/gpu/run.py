@@ -9,7 +9,7 @@ It writes ``$OUT/gpu_benchmark.json`` and ``$OUT/gpu_benchmark.md``. Stages:
 1. Tests: ``tests/test_triton_backend.py`` on CUDA tensors (``SIMPLEXVQ_TRITON_TEST_DEVICE=cuda``) and the core
    test files' CUDA cases (``-k "cuda or gpu"``), each in a subprocess with a time limit.
 2. Timings: forward + backward (CUDA events, median after warm-up; peak ``torch.cuda.max_memory_allocated``) of
-   the six-GEMM floor, the dense path, the reference backend (``simplexvq.efficient.streamed_softmax_quantize``),
+   the six-GEMM floor, the dense path, the reference backend (``simplexvq.scale.reference_streamed_softmax_quantize``),
    the Triton backend with and without KNN-CE, the ``ProductQuantizer`` layer (dense, and with the Triton
    backend), and vector-quantize-pytorch's ``VectorQuantize``, at the sizes of
    the issue, in float32 and bfloat16. Every measurement is guarded: an error (out of memory, a kernel that does
@@ -173,7 +173,7 @@ def _step_of(method: str, n: int, m: int, d: int, dtype, device) -> Callable[[],
     import torch
 
     from simplexvq import functional as VQF
-    from simplexvq.efficient import streamed_softmax_quantize
+    from simplexvq.scale import reference_streamed_softmax_quantize
 
     z, codebook, temperature = _inputs(n, m, d, dtype, device)
     inputs = [z, codebook, temperature]
@@ -205,7 +205,7 @@ def _step_of(method: str, n: int, m: int, d: int, dtype, device) -> Callable[[],
     if method == "reference":
 
         def step() -> None:
-            result = streamed_softmax_quantize(z, codebook, temperature, knn_k=KNN_K)
+            result = reference_streamed_softmax_quantize(z, codebook, temperature, knn_k=KNN_K)
             loss = result.quantized.float().square().mean() + result.knn_loss.float()
             torch.autograd.grad(loss, inputs)
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
+from triton.runtime.jit import JITFunction
 
-import triton
 from simplexvq.scale.triton import kernels
 from simplexvq.scale.triton.interpreter_compat import patch_interpreter
-from triton.runtime.jit import JITFunction
 
 __all__ = [
     "Blocks",
