@@ -68,7 +68,8 @@ def build_layer(case: dict) -> Layer:
 
         efficient = name.endswith("-efficient")
         preset = name.removesuffix("-efficient")
-        overrides = {"knn_k": case.get("k", KNN_K)} if "knn" in preset else {}
+        knn = importlib.import_module("simplexvq").quantizer_traits(preset).knn
+        overrides = {"knn_k": case.get("k", KNN_K)} if knn else {}
         if efficient:
             overrides.update(memory_efficient=True, chunk_size=case.get("chunk_size"))
         if case.get("backend"):
