@@ -13,13 +13,16 @@ CPU time is the work done, insensitive to other processes sharing the cores; the
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,13 +64,16 @@ def build_layer(case: dict) -> Layer:
     z = torch.randn(1, n, d, requires_grad=True)
     upstream = torch.randn(1, n, d)
     if name.startswith(("softmax", "ste", "rotation")):
-        import simplexvq
+        simplexvq = importlib.import_module(case.get("package", "simplexvq"))
 
         efficient = name.endswith("-efficient")
         preset = name.removesuffix("-efficient")
-        overrides = {"knn_k": case.get("k", KNN_K)} if "knn" in preset else {}
+        knn = importlib.import_module("simplexvq").quantizer_traits(preset).knn
+        overrides = {"knn_k": case.get("k", KNN_K)} if knn else {}
         if efficient:
             overrides.update(memory_efficient=True, chunk_size=case.get("chunk_size"))
+        if case.get("backend"):
+            overrides["backend"] = case["backend"]
         if case.get("vertex_subsample"):
             overrides["vertex_subsample"] = case["vertex_subsample"]
         module = simplexvq.build_quantizer(preset, dim=d, codebook_size=m, **overrides)
@@ -99,6 +105,64 @@ def build_layer(case: dict) -> Layer:
         raise ValueError(f"unknown layer {name!r}; known: {', '.join(LAYERS)}")
     module.train()
     return Layer(module=module, inputs=z, step=step)
+
+
+def load_baseline(revision: str) -> str:
+    """Import the core library as it was at git ``revision`` under the name ``simplexvq_baseline`` (its files
+    copied to a temporary folder with the package name rewritten), so that a benchmark can time the old and the
+    current code side by side in one process. Returns the module name."""
+    name = "simplexvq_baseline"
+    root = Path(tempfile.mkdtemp(prefix="simplexvq-baseline-"))
+    listing = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", revision, "plugin/simplexvq"],
+        cwd=BENCH_DIR.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for path in listing:
+        if not path.endswith(".py"):
+            continue
+        source = subprocess.run(
+            ["git", "show", f"{revision}:{path}"], cwd=BENCH_DIR.parent, capture_output=True, text=True, check=True
+        ).stdout
+        target = root / name / Path(path).relative_to("plugin/simplexvq")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(re.sub(r"\bsimplexvq\b", name, source))
+    sys.path.insert(0, str(root))
+    importlib.import_module(name)
+    return name
+
+
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim")
+
+
+def count_ops(layer: Layer) -> dict[str, int]:
+    """Aten ops of one training step (forward + backward) of ``layer``, and how many of them would force a
+    device-to-host sync on a GPU: ``_local_scalar_dense`` (``.item()``, ``if tensor:``), ``nonzero``,
+    ``masked_select``, ``unique*``, ``repeat_interleave`` without ``output_size``, indexing / ``index_put`` with a
+    boolean mask. Each op is a kernel launch on a GPU (views aside)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    counts = {"ops": 0, "syncing": 0}
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func._schema.name.removeprefix("aten::")
+            counts["ops"] += 1
+            dynamic = name == "repeat_interleave" and kwargs.get("output_size") is None
+            if name.startswith(("index", "_index_put_impl")):
+                flat, _ = tree_flatten((args, kwargs))
+                dynamic = any(isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in flat[1:])
+            counts["syncing"] += int(name in SYNCING_OPS or name.startswith("unique") or dynamic)
+            return func(*args, **kwargs)
+
+    train_step(layer)  # warm-up: backends are made and kernels loaded outside the count
+    with Recorder():
+        train_step(layer)
+    return counts
 
 
 def train_step(layer: Layer) -> None:

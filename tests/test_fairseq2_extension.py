@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ from fairseq2.gang import create_fake_gangs
 from fairseq2.io import TensorFileDumper, TensorFileLoader
 from fairseq2.models import ModelArchitectureNotKnownError, ModelFamily
 from fairseq2.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+from fairseq2.models.wav2vec2.asr import get_wav2vec2_asr_model_hub
 from fairseq2.nn import BatchLayout
 from fairseq2.nn.utils.module import to_device
 from fairseq2.runtime.config_registry import get_config
@@ -37,14 +39,18 @@ from fairseq2.utils.structured import ValueConverter
 from fairseq2.utils.threading import ThreadPool
 from fairseq2.utils.validation import StandardObjectValidator, ValidationError
 
+import simplexvq
 from simplexvq.fairseq2_extension import (
     SIMPLEXVQ_WAV2VEC2_FAMILY,
+    TINY_ASR_ARCH,
+    QuantizerSection,
     SimplexVQQuantizerOutput,
     SimplexVQWav2Vec2Config,
     SimplexVQWav2Vec2Quantizer,
     get_simplexvq_wav2vec2_model_hub,
     setup_simplexvq_extension,
 )
+from simplexvq.spec import OPTION_NAMES
 
 TABLE_2_METHODS = [
     "ste-euclid",
@@ -404,3 +410,149 @@ def test_checkpoint_round_trip_through_fairseq2(resolver, hub, tmp_path):
     assert reloaded["state"].keys() == expected.keys()
     for name, value in reloaded["state"].items():
         assert torch.equal(value, expected[name]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every core option through fairseq2's config_overrides; the loss report; the ASR arch; decode
+# ----------------------------------------------------------------------------------------------------------------
+
+CORE_OPTIONS = {  # option -> (method, value): one valid non-default setting of each QuantizerConfig option
+    "distance": ("softmax-knn_ce", "euclid"),
+    "knn_k": ("softmax-knn_ce", 3),
+    "regularizer_weight": ("softmax-knn_l2", 0.5),
+    "regularize_samples": ("hard_gumbel-knn_ce", True),
+    "commitment_weight": ("ste-euclid", 0.3),
+    "init_temperature": ("softmax-knn_ce", 0.2),
+    "learnable_temperature": ("softmax-knn_ce", False),
+    "min_temperature": ("softmax-knn_ce", 1e-4),
+    "inference": ("softmax-knn_ce", "soft"),
+    "codebook_init_std": ("softmax-knn_ce", 0.3),
+    "knn_scope": ("softmax-knn_ce", "global"),
+    "memory_efficient": ("softmax-knn_ce", True),
+    "chunk_size": ("softmax-knn_ce", 7),
+    "vertex_subsample": ("softmax-knn_ce", 4),
+}
+FIXED_BY_THE_MODEL = {"codebook_size", "groups", "gumbel_temperature"}
+
+
+def structured(resolver, hub, overrides: dict) -> SimplexVQWav2Vec2Config:
+    """The tiny arch with ``config_overrides`` applied and structured as fairseq2's recipes do."""
+    converter = resolver.resolve(ValueConverter)
+    merged = resolver.resolve(ConfigMerger).merge(converter.unstructure(hub.get_arch_config("tiny")), overrides)
+    return converter.structure(merged, SimplexVQWav2Vec2Config)
+
+
+def test_every_core_option_is_in_the_family_config(resolver, hub):
+    """The section is the core's spec: whatever QuantizerConfig gains appears in the family's YAML."""
+    section = resolver.resolve(ValueConverter).unstructure(hub.get_arch_config("tiny"))["quantizer"]
+    assert set(OPTION_NAMES) | {"method", "extra_options"} == set(section)
+    assert set(CORE_OPTIONS) | FIXED_BY_THE_MODEL <= set(OPTION_NAMES)
+
+
+@pytest.mark.parametrize("option", sorted(CORE_OPTIONS))
+def test_each_core_option_reaches_the_quantizer_through_config_overrides(resolver, hub, option):
+    method, value = CORE_OPTIONS[option]
+    config = structured(resolver, hub, {"quantizer": {"method": method, option: value}})
+    StandardObjectValidator().validate(config)
+    core = hub.create_new_model(config, device=CPU, meta=True).quantizer.core
+    assert getattr(core.config, option) == value
+    assert (core.config.groups, core.config.codebook_size, core.config.dim) == (2, 16, 16)  # from the model
+
+
+def test_options_the_model_fixes_and_invalid_ones_fail_validation_with_the_core_message(resolver, hub):
+    cases = {
+        "groups": ({"groups": 4}, "leave quantizer.groups unset"),
+        "gumbel_temperature": ({"gumbel_temperature": {"start": 3.0}}, "leave quantizer.gumbel_temperature unset"),
+        "scope": ({"method": "ste-euclid", "knn_scope": "global"}, "use regularizer='knn_ce' or 'knn_l2'"),
+        "subsample": ({"vertex_subsample": 17}, "vertex_subsample=17 exceeds codebook_size=16"),
+        "typo": ({"method": "softmax-knnce"}, "Did you mean 'softmax-knn_ce'"),
+    }
+    for section, message in cases.values():
+        config = structured(resolver, hub, {"quantizer": section})
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            StandardObjectValidator().validate(config)
+
+
+def test_a_plain_core_spec_is_accepted():
+    config = SimplexVQWav2Vec2Config(quantizer=simplexvq.QuantizerSpec(method="simvq", knn_k=2))
+    assert isinstance(config.quantizer, QuantizerSection) and config.quantizer.method == "simvq"
+    StandardObjectValidator().validate(config)
+    with pytest.raises(TypeError, match="must be a simplexvq.QuantizerSpec, got dict"):
+        SimplexVQWav2Vec2Config(quantizer={"method": "simvq"})
+
+
+@pytest.mark.parametrize("method", ["softmax-knn_ce", "ste-cosine"])
+def test_the_quantizer_loss_is_reported_as_diversity_and_in_the_aggregate(hub, method):
+    """What fairseq2's wav2vec2 recipe logs (``diversity_loss``, ``loss``) shows the quantizer's loss; the gradient
+    is the one without the report."""
+    reported = tiny_model(hub, method=method)
+    loss, output = run(reported, step=0, diversity_weight=0.7, features_penalty_weight=3.0)
+    num_targets = math.prod(output.logits.shape[:2])
+    aux = output.quantizer_output.aux_loss
+    assert aux.item() > 0
+    torch.testing.assert_close(loss.diversity, aux * num_targets)
+    torch.testing.assert_close(loss.aggregate, loss.contrastive + aux * num_targets + 3.0 * loss.features_penalty)
+    loss.aggregate.backward()
+    with_report = grads(reported)
+
+    reported.eval()  # validation: the recipe's valid metrics report the quantizer's loss the same way
+    with torch.no_grad():
+        loss, output = run(reported, step=0)
+    eval_aux = output.quantizer_output.aux_loss
+    assert eval_aux.item() > 0
+    torch.testing.assert_close(loss.diversity, eval_aux * math.prod(output.logits.shape[:2]))
+
+    plain_config = tiny(hub, method=method)
+    plain_config.aux_loss_as_diversity = False
+    torch.manual_seed(0)
+    plain = hub.create_new_model(plain_config, device=CPU)
+    plain.train()
+    loss, output = run(plain, step=0, diversity_weight=0.7, features_penalty_weight=3.0)
+    expected_diversity = (1 - output.quantizer_output.prob_perplexity / 32) * num_targets  # fairseq2's own term
+    torch.testing.assert_close(loss.diversity, expected_diversity)
+    loss.aggregate.backward()
+    assert_same_grads(with_report, grads(plain))
+
+
+def test_tiny_asr_arch_fine_tunes_a_tiny_checkpoint(resolver, hub):
+    """fairseq2's ASR recipe shares the SSL model's frontend and encoder with ``model.arch=simplexvq_tiny``; its
+    masking (on in training) fits the width of 32, where fairseq2's default spatial span (64) cannot."""
+    asr_hub = get_wav2vec2_asr_model_hub()
+    assert TINY_ASR_ARCH in resolver.resolve(ModelFamily, key="wav2vec2_asr").get_archs()
+    ssl = tiny_model(hub)
+    asr_config = asr_hub.get_arch_config(TINY_ASR_ARCH)
+    assert asr_config.encoder_config.model_dim == hub.get_arch_config("tiny").encoder_config.model_dim
+    torch.manual_seed(0)
+    asr = asr_hub.create_new_model(asr_config, device=CPU)
+    asr.encoder_frontend.load_state_dict(ssl.encoder_frontend.state_dict())  # strict: same shapes and names
+    asr.encoder.load_state_dict(ssl.encoder.state_dict())
+    asr.train()
+    waves = torch.randn(2, 8000, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(1, asr_config.target_vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss = asr(waves, BatchLayout.of(waves), targets, BatchLayout.of(targets))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert asr.final_proj.weight.grad.abs().sum() > 0
+
+    default_masking = dataclasses.replace(asr_config, spatial_mask_span_len=64)
+    failing = asr_hub.create_new_model(default_masking, device=CPU).train()
+    with pytest.raises(ValueError, match="must be greater than `span_len` \\(64\\)"):
+        failing(waves, BatchLayout.of(waves), targets, BatchLayout.of(targets))
+
+
+def test_decode_through_the_adapter_gives_the_eval_mode_vectors(hub):
+    model = tiny_model(hub).eval()
+    quantizer = model.quantizer
+    assert isinstance(quantizer.core, simplexvq.Quantizer)
+    with torch.no_grad():
+        out = quantizer(torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(0)))
+        decoded = quantizer.decode(out.indices)
+    assert decoded.shape == out.quantized_vectors.shape == (2, 9, 16)
+    assert torch.equal(decoded, out.quantized_vectors)
+
+
+def test_a_third_party_quantizer_must_satisfy_the_contract(hub):
+    simplexvq.register_quantizer("test-fairseq2-no-decode", overwrite=True)(lambda **kwargs: torch.nn.Identity())
+    config = tiny(hub, method="test-fairseq2-no-decode", knn_k=None)
+    with pytest.raises(TypeError, match="'test-fairseq2-no-decode' Identity does not satisfy simplexvq.Quantizer"):
+        hub.create_new_model(config, device=CPU)

@@ -877,3 +877,15 @@ def test_simvq_loss_matches_naive(shape, beta):
 def test_simvq_loss_default_beta():
     z, q = _zq((5, 3), seed=66)
     torch.testing.assert_close(simvq_loss(z, q), naive_simvq(z, q, 0.25))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_knn_loss_selects_real_rows_over_empty_slots_at_infinite_deviation(chunk_size):
+    """A selected cross-entropy term may be +inf (a row with probability exactly 0 for that code): it is still a
+    real row and gets its gradient, in the dense and the streamed search alike (an empty slot of the streamed top-K
+    must never win the tie against it)."""
+    log_probs = torch.tensor([[0.0, -math.inf], [math.log(0.5), math.log(0.5)]], dtype=DT, requires_grad=True)
+    loss = knn_loss(log_probs, 2, "ce", chunk_size=chunk_size)
+    assert loss.item() == math.inf
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    torch.testing.assert_close(grad, torch.full((2, 2), -0.25, dtype=DT))

@@ -26,10 +26,12 @@ from torch.utils._pytree import tree_flatten
 
 import simplexvq
 from simplexvq import functional as VQF
-from simplexvq.blockmax import BlockMaxima
-from simplexvq.ceiling import CeilingTopK, kept_per_column
 from simplexvq.efficient import soft_quantize, streamed_softmax_quantize
 from simplexvq.knn import RunningTopK, select_among_gathered, streamed_topk
+from simplexvq.scale.backends import CpuBackend
+from simplexvq.scale.backends.blockmax import BlockMaxima
+from simplexvq.scale.backends.candidates import merge_scores
+from simplexvq.scale.backends.ceiling import CeilingTopK, kept_per_column
 
 DT = torch.float64
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -140,8 +142,8 @@ def test_block_maxima_equal_max_and_first_argmax(shape, values):
 @pytest.mark.parametrize("size", [64, 133, 20])
 @pytest.mark.parametrize("order", ["random", "ties", "descending"])
 @pytest.mark.parametrize("chunk", [1, 9, 50])
-def test_update_from_scores_equals_update_on_deviations(size, order, chunk):
-    """The block-bound candidate search of ``update_from_scores`` finds exactly the entries of ``update``'s
+def test_merge_scores_equals_update_on_deviations(size, order, chunk):
+    """The block-bound candidate search of ``merge_scores`` finds exactly the entries of ``update``'s
     comparison: same K smallest values and rows per column, for blocks with and without a partial last one, ties
     (integer scores) and an order in which every entry is a candidate."""
     groups, num_rows, k = 2, 150, 3
@@ -160,7 +162,7 @@ def test_update_from_scores_equals_update_on_deviations(size, order, chunk):
     for start in range(0, num_rows, chunk):
         part = slice(start, start + chunk)
         reference.update(deviations[part], start)
-        state.update_from_scores(scores[:, part], offsets[:, part], BlockMaxima.of(scores[:, part], 16), start)
+        merge_scores(state, scores[:, part], offsets[:, part], BlockMaxima.of(scores[:, part], 16), start)
     assert state.rows_seen == reference.rows_seen == num_rows
     assert torch.equal(
         state.values.sort(dim=0).values, deviations.topk(k, dim=0, largest=False).values.sort(dim=0).values
@@ -238,7 +240,7 @@ def test_select_among_gathered_is_the_global_topk():
     candidates = []
     for rank in range(3):
         local = rows[rank].topk(min(k, rows[rank].shape[0]), dim=0, largest=False).values
-        candidates.append(torch.cat([local, torch.full((k - local.shape[0], columns), float("inf"), dtype=DT)]))
+        candidates.append(torch.cat([local, torch.full((k - local.shape[0], columns), float("nan"), dtype=DT)]))
     gathered = torch.stack(candidates)
     everything = torch.cat([rows[r] for r in range(3)])
     expected = everything.topk(k, dim=0, largest=False).values
@@ -247,11 +249,23 @@ def test_select_among_gathered_is_the_global_topk():
         selected, total = select_among_gathered(gathered, k, rank)
         picked.append(torch.where(selected, candidates[rank], torch.zeros_like(candidates[rank])))
         sums.append(total)
-        assert not bool((selected & torch.isinf(candidates[rank])).any())
+        assert not bool((selected & torch.isnan(candidates[rank])).any())
     torch.testing.assert_close(sum(p.sum(dim=0) for p in picked), expected.sum(dim=0))
     assert sum(int(s.sum()) for s in (select_among_gathered(gathered, k, r)[0] for r in range(3))) == k * columns
     assert all(torch.equal(s, sums[0]) for s in sums)
     torch.testing.assert_close(sums[0], expected.sum())
+
+
+def test_select_among_gathered_prefers_infinite_deviations_to_empty_slots():
+    """Rank 0 holds one real row at +inf deviation and an empty slot, rank 1 one real row: with K = 2 both real rows
+    are selected, the empty slot never."""
+    inf, nan = float("inf"), float("nan")
+    gathered = torch.tensor([[[inf], [nan]], [[1.0], [nan]]], dtype=DT)
+    selected_0, total = select_among_gathered(gathered, 2, 0)
+    selected_1, _ = select_among_gathered(gathered, 2, 1)
+    assert selected_0[:, 0].tolist() == [True, False]
+    assert selected_1[:, 0].tolist() == [True, False]
+    assert total.item() == inf
 
 
 @pytest.mark.parametrize(
@@ -563,6 +577,7 @@ def test_global_knn_matches_single_process(tmp_path):
         for rank, report in enumerate(reports):
             got = report["quantizer"][name]
             assert got["valid_rows"] == rows[rank].shape[0]
+            assert not got["fell_back"], f"{name}: the Triton backend fell back to the reference backend"
             torch.testing.assert_close(_tensor(got["loss"]), loss.detach(), msg=f"{name} rank {rank} loss")
             for param_name, param in quantizer.named_parameters():
                 torch.testing.assert_close(
@@ -574,6 +589,7 @@ def test_global_knn_matches_single_process(tmp_path):
             torch.testing.assert_close(_tensor(got["z_grad"]), expected.reshape(-1), msg=f"{name} z grad")
     assert any(r["quantizer"]["efficient-rank0-empty"]["valid_rows"] == 0 for r in reports)
     assert any(r["quantizer"]["dense-rank0-all-padding"]["valid_rows"] == 0 for r in reports)
+    assert any(r["quantizer"]["efficient-rank0-all-padding-triton"]["valid_rows"] == 0 for r in reports)
 
     for report in reports:  # K above the global N: the same error on both ranks, nobody hangs
         message = report["errors"]["k-above-global-n"]
@@ -581,7 +597,7 @@ def test_global_knn_matches_single_process(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The ceiling carried over between steps (simplexvq.ceiling)
+# The ceiling carried over between steps (simplexvq.scale.backends.ceiling)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -682,9 +698,9 @@ def test_streamed_quantize_with_a_hint_equals_without():
     ).double()
     dense = simplexvq.build_quantizer("softmax-knn_ce", dim=8, groups=2, codebook_size=133, knn_k=3).double()
     dense.load_state_dict(efficient.state_dict())
-    assert "_knn_hint" not in efficient.state_dict()
+    assert not any("hint" in name for name in efficient.state_dict())
     for seed in (34, 35):
         x = torch.randn(2, 75, 8, generator=_gen(seed), dtype=DT)
         losses = [quantizer(x).losses["knn_ce"] for quantizer in (efficient, dense)]
         torch.testing.assert_close(losses[0], losses[1])
-        assert efficient._knn_hint is not None
+        assert isinstance(efficient.streamed_backend, CpuBackend) and efficient.streamed_backend.knn_hint is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import configparser
+import re
 import subprocess
 import sys
 import zipfile
@@ -74,3 +76,49 @@ def test_editable_install_points_at_the_source_tree():
     core, recipes = result.stdout.split()
     assert Path(core) == ROOT / "plugin" / "simplexvq" / "__init__.py"
     assert Path(recipes) == ROOT / "recipes" / "simplexvq_recipes" / "__init__.py"
+
+
+def _requirements(section: str, key: str) -> list[str]:
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    return [line.strip() for line in parser[section][key].splitlines() if line.strip()]
+
+
+def test_core_requires_torch_with_a_lower_bound_only():
+    """The core installs beside the user's torch: a lower bound, no pin; what must be pinned lives in extras."""
+    requirements = _requirements("options", "install_requires")
+    (torch_requirement,) = [r for r in requirements if re.match(r"torch\b", r)]
+    assert re.fullmatch(r"torch>=\d+\.\d+(\.\d+)?", torch_requirement), torch_requirement
+    assert not any(r.startswith(("fairseq2", "torchaudio", "torchvision")) for r in requirements), requirements
+
+
+def test_speech_extra_works_without_fairseq2():
+    speech = _requirements("options.extras_require", "speech")
+    assert not any(r.startswith("fairseq2") for r in speech), speech
+    assert "fairseq2==0.8.1" in _requirements("options.extras_require", "fairseq2")
+    assert "fairseq2" in _requirements("options.extras_require", "all")[0]
+
+
+def test_recipes_import_no_fairseq2():
+    """Every module of the speech and vision recipes (and the shared loop) imports without importing fairseq2, so
+    the ``speech`` and ``vision`` extras work in an environment where fairseq2 cannot be installed."""
+    probe = (
+        "import importlib, pkgutil, sys\n"
+        "imported = []\n"
+        "def walk(name):\n"  # pkgutil.walk_packages would import simplexvq.fairseq2_extension to recurse into it
+        "    package = importlib.import_module(name)\n"
+        "    imported.append(name)\n"
+        "    for module in pkgutil.iter_modules(package.__path__, name + '.'):\n"
+        "        if module.name == 'simplexvq.fairseq2_extension':\n"
+        "            continue\n"
+        "        walk(module.name) if module.ispkg else (importlib.import_module(module.name), imported.append(1))\n"
+        "for root in ['simplexvq', 'simplexvq_recipes', 'simplexvq_vision']:\n"
+        "    walk(root)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('fairseq2', 'fairseq2n'))\n"
+        "print(len(imported), ' '.join(loaded))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, *loaded = result.stdout.split()
+    assert loaded == [], f"importing the recipes imported fairseq2: {loaded}"
+    assert int(count) > 20  # the walk reached the submodules, not only the packages

@@ -499,16 +499,25 @@ def test_assignment_probabilities_lie_on_the_simplex(method, distance):
 
 
 def test_soft_gumbel_output_is_a_convex_combination(monkeypatch):
-    """Eq. 7: the soft Gumbel sample p is on the simplex and the output is ``Q p`` (a convex combination)."""
+    """Eq. 7: the output is ``Q p`` with the soft Gumbel sample ``p = softmax((g + log pi) / tau)`` built here from
+    the input, the code vectors and the noise alone (not from the quantizer's own probabilities); so each output
+    coordinate lies between the smallest and the largest of that coordinate over the group's code vectors."""
     model = _model("soft_gumbel", "knn_ce")
     noise = -torch.empty(NUM_VALID, GROUPS, M).exponential_(generator=_gen(12)).log()
     monkeypatch.setattr(VQF, "sample_gumbel", lambda like: noise.to(like.dtype))
-    out = model(_input(5), PAD_MASK, return_probs=True)
-    p = torch.softmax((noise + _valid_rows(out.probs).log()) / model.gumbel_temperature, dim=-1)
-    assert torch.all(p >= 0)
-    torch.testing.assert_close(p.sum(-1), torch.ones(NUM_VALID, GROUPS))
-    expected = torch.einsum("ngm,gmd->ngd", p, model.codebook.weight)
-    torch.testing.assert_close(_valid_rows(out.quantized).reshape(-1, GROUPS, GROUP_DIM), expected)
+    z = _input(5)
+    out = model(z, PAD_MASK)
+    codebook = model.codebook.weight.detach().double()
+    tau = model.logits.temperature.detach().double()
+    logits = naive_logits(_valid_rows(z.double()).reshape(-1, GROUPS, GROUP_DIM), codebook, tau, "cosine")
+    p = torch.softmax((noise.double() + torch.log_softmax(logits, dim=-1)) / model.gumbel_temperature, dim=-1)
+    quantized = _valid_rows(out.quantized.detach()).reshape(-1, GROUPS, GROUP_DIM).double()
+    _close(quantized, torch.einsum("ngm,gmd->ngd", p, codebook), torch.float32, "soft Gumbel output")
+    low, high = codebook.amin(dim=1), codebook.amax(dim=1)  # (G, d)
+    slack = 1e-5
+    assert bool((quantized >= low - slack).all()) and bool((quantized <= high + slack).all())
+    smoothed_without_noise = torch.einsum("ngm,gmd->ngd", torch.softmax(logits, dim=-1), codebook)
+    assert not torch.allclose(quantized, smoothed_without_noise, atol=1e-3)  # the noise is used
 
 
 EVAL_CASES = [(m, d) for m in SMOOTHING_METHODS + ("ste", "rotation") for d in DISTANCES] + [("simvq", None)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import simplexvq
 import simplexvq.registry as registry
 from simplexvq import (
     GumbelTemperature,
@@ -367,3 +368,46 @@ def test_valid_edge_configs_are_accepted():
     QuantizerConfig(dim=8, codebook_size=4, init_temperature=1e-3)
     QuantizerConfig(dim=8, codebook_size=4, gumbel_temperature=GumbelTemperature(start=2.0, end=0.5, decay=1.0))
     QuantizerConfig(dim=8, codebook_size=4, method="hard_gumbel", inference="soft")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The paper's method list and the traits of a name
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_paper_methods_are_the_tables_rows_in_order():
+    """Tables 1 and 2: STE and RE with Euclid / Cosine, then H-Gmb, S-Gmb, Softmax with PPL, KNN-L2, KNN-CE."""
+    rows = simplexvq.paper_methods("table1")
+    assert rows == simplexvq.paper_methods("table2") == simplexvq.PAPER_METHODS
+    assert len(rows) == len(set(rows)) == 13 and set(rows) <= set(available_quantizers())
+    configs = [quantizer_config(name, dim=DIM, codebook_size=CODEBOOK_SIZE) for name in rows]
+    hard = [(c.method, c.distance) for c in configs[:4]]
+    assert hard == [("ste", "euclid"), ("ste", "cosine"), ("rotation", "euclid"), ("rotation", "cosine")]
+    smoothed = [(c.method, c.regularizer) for c in configs[4:]]
+    assert smoothed == [
+        (method, regularizer)
+        for method in ("hard_gumbel", "soft_gumbel", "softmax")
+        for regularizer in ("perplexity", "knn_l2", "knn_ce")
+    ]
+    assert simplexvq.paper_methods(include_simvq=True) == (*rows, "simvq")
+    with pytest.raises(ValueError, match="table must be 'table1' or 'table2', got 'table3'"):
+        simplexvq.paper_methods("table3")
+
+
+@pytest.mark.parametrize("name", registry.built_in_quantizers())
+def test_traits_agree_with_the_preset_config(name):
+    traits = simplexvq.quantizer_traits(name)
+    config = quantizer_config(name, dim=DIM, codebook_size=CODEBOOK_SIZE)
+    assert traits.built_in
+    assert traits.smoothing == config.is_smoothing
+    assert traits.gumbel == (config.method in ("soft_gumbel", "hard_gumbel"))
+    assert traits.knn == (config.regularizer in ("knn_ce", "knn_l2"))
+    assert traits.regularizer == config.regularizer
+
+
+def test_traits_of_third_party_and_unknown_names():
+    register_quantizer("test-traits-third-party", overwrite=True)(lambda **kwargs: nn.Identity())
+    traits = simplexvq.quantizer_traits("test-traits-third-party")
+    assert not (traits.built_in or traits.smoothing or traits.gumbel or traits.knn) and traits.regularizer is None
+    with pytest.raises(KeyError, match="Did you mean 'softmax-knn_ce'"):
+        simplexvq.quantizer_traits("softmax-knn-ce")

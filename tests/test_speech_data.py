@@ -13,7 +13,7 @@ import torch
 import torchaudio.functional as AF
 
 from simplexvq_recipes.speech.data import manifest as manifest_cli
-from simplexvq_recipes.speech.data.audio import AudioReadError, audio_info, read_audio
+from simplexvq_recipes.speech.data.audio import AudioReadError, audio_info, read_audio, verify_audio
 from simplexvq_recipes.speech.data.batching import ShardedBatchSampler, length_batches
 from simplexvq_recipes.speech.data.dataset import AudioDataset, SkippedAudioWarning, collate, make_loader
 from simplexvq_recipes.speech.data.manifest import (
@@ -81,6 +81,48 @@ def test_read_audio_errors_name_the_file(tmp_path):
         audio_info(tmp_path / "empty.wav", 16000)
 
 
+def _truncate(path: Path, fraction: float) -> Path:
+    """A copy of ``path`` cut after ``fraction`` of its bytes (a partial download or an interrupted copy)."""
+    data = path.read_bytes()
+    cut = path.with_name(f"cut_{path.name}")
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    return cut
+
+
+@pytest.mark.parametrize(
+    ("suffix", "format_", "subtype", "evidence"),
+    [
+        ("wav", "WAV", "PCM_16", "WAV data chunk declares 32000 bytes but the file holds"),
+        ("flac", "FLAC", "PCM_16", "decoding failed after"),
+        ("ogg", "OGG", "VORBIS", "Ogg page is cut off"),
+        ("mp3", "MP3", "MPEG_LAYER_III", "Xing header declares"),
+    ],
+)
+def test_verify_audio_finds_truncated_files_whose_header_reads_fine(tmp_path, suffix, format_, subtype, evidence):
+    noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    whole = tmp_path / f"a.{suffix}"
+    sf.write(whole, noise, 16000, format=format_, subtype=subtype)
+    assert verify_audio(whole, 16000) == audio_info(whole, 16000) == 16000
+    cut = _truncate(whole, 0.9)
+    with pytest.raises(AudioReadError, match=rf"cut_a\.{suffix}: truncated or corrupt: .*{evidence}"):
+        verify_audio(cut, 16000)
+    if suffix in ("flac", "mp3"):  # the header still promises the whole length: the case the check exists for
+        assert audio_info(cut, 16000) == 16000
+
+
+def test_verify_audio_accepts_a_wav_with_an_unset_data_size_and_rejects_a_missing_data_chunk(tmp_path):
+    sf.write(tmp_path / "a.wav", _tone(0.25, 16000), 16000, subtype="PCM_16")
+    data = bytearray((tmp_path / "a.wav").read_bytes())
+    position = data.find(b"data")
+    streamed = data[:]
+    streamed[position + 4 : position + 8] = b"\xff\xff\xff\xff"  # written by a streaming encoder: size unknown
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    assert verify_audio(tmp_path / "streamed.wav", 16000) == 4000
+    (tmp_path / "headless.wav").write_bytes(bytes(data[:position]))
+    with pytest.raises(AudioReadError, match="headless.wav"):
+        verify_audio(tmp_path / "headless.wav", 16000)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # manifests
 
@@ -137,6 +179,24 @@ def test_manifest_command_writes_split_and_warns_about_unreadable_files(tmp_path
     assert f"{len(train)} train and {len(valid)} valid files" in capsys.readouterr().out
     with pytest.raises(AudioReadError, match="broken.wav"):
         manifest_cli.main([str(audio), str(tmp_path / "strict"), "--strict"])
+
+
+def test_manifest_command_leaves_out_truncated_audio_with_a_message_naming_it(tmp_path, capsys):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for index in range(3):
+        sf.write(audio / f"u{index}.flac", _tone(0.5, 16000), 16000)
+    truncated = _truncate(audio / "u1.flac", 0.6)  # header intact: the header-only scan measured it as whole
+    with pytest.warns(UserWarning, match=r"cut_u1\.flac: truncated or corrupt"):
+        train_path, valid_path = manifest_cli.main([str(audio), str(tmp_path / "out"), "--valid-percent", "0.3"])
+    listed = {e.path for e in read_manifest(train_path).entries + read_manifest(valid_path).entries}
+    assert listed == {"u0.flac", "u1.flac", "u2.flac"}
+    assert "left out 1 unreadable or truncated file(s)" in capsys.readouterr().out
+    with pytest.raises(AudioReadError, match=r"1 unreadable or truncated file\(s\), first: .*cut_u1\.flac"):
+        manifest_cli.main([str(audio), str(tmp_path / "strict"), "--strict"])
+    train_path, valid_path = manifest_cli.main([str(audio), str(tmp_path / "fast"), "--header-only"])
+    listed = {e.path for e in read_manifest(train_path).entries + read_manifest(valid_path).entries}
+    assert truncated.name in listed  # the documented trade-off of --header-only
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ binary is missing).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import warnings
@@ -27,6 +28,7 @@ from simplexvq_recipes.speech.pretraining.model import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     build_model,
+    build_wav2vec2,
     load_pretrained,
 )
 from simplexvq_recipes.training.checkpoint import TRAINER_STATE
@@ -151,6 +153,34 @@ def test_export_check_signal_and_rejects_foreign_files(tiny_run, tmp_path):
     broken = dict(state, state_dict={k: v for k, v in state["state_dict"].items() if "pos_conv" not in k})
     with pytest.raises(RuntimeError, match="pos_conv"):
         export.build_exported(broken)
+
+
+def test_torchscript_export_leaves_the_live_model_loadable(tiny_run, tmp_path, capsys):
+    model, config = load_pretrained(tiny_run)
+    keys = set(model.wav2vec2.state_dict())
+    plain, copied = build_wav2vec2(config.model), build_wav2vec2(config.model)
+    torch.jit.script(copy.deepcopy(copied))
+    torch.jit.script(plain)  # the case guarded here: scripting renames the weight-normed convolution in place
+    assert set(plain.state_dict()) != keys
+    with pytest.raises(AttributeError, match="weight"):  # and scripting a deep copy breaks the original
+        copied(export.check_signal())
+
+    scripted = export.script_encoder(model)
+    assert set(model.wav2vec2.state_dict()) == keys
+    build_wav2vec2(config.model).load_state_dict(model.wav2vec2.state_dict())  # strict: the live model is intact
+    assert export.max_feature_difference(model.wav2vec2.eval(), scripted, export.check_signal()) < 1e-5
+
+    out = export.main([str(tiny_run), str(tmp_path / "encoder.pt"), "--torchscript", str(tmp_path / "encoder.ts")])
+    assert "torch.jit.load" in capsys.readouterr().out and out.is_file()
+    loaded = torch.jit.load(str(tmp_path / "encoder.ts"))
+    waveforms = export.check_signal(20000, seed=5)
+    with torch.no_grad():
+        expected, _ = model.wav2vec2.extract_features(waveforms)
+        actual, _ = loaded.extract_features(waveforms)
+    for ours, theirs in zip(expected, actual, strict=True):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="expects a Wav2Vec2Pretrainer"):
+        export.script_encoder(model.wav2vec2)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -98,10 +98,33 @@ def test_normalizations_round_trip_and_grid_pairs_originals_with_reconstructions
     assert Normalizer("symmetric").normalize(torch.ones(1, 3, 1, 1)).eq(1).all()
     with pytest.raises(ValueError, match="normalization"):
         Normalizer("zscore")
-    grid = reconstruction_grid(pixels, torch.zeros_like(pixels), pairs_per_row=2, padding=0, min_size=16)
+    grid = reconstruction_grid(pixels, torch.zeros_like(pixels), pairs_per_row=2, padding=0, min_size=16, labels=False)
     assert grid.shape == (3, 2 * 16, 4 * 16)  # 2 rows of (original, reconstruction) x 2, enlarged 2x
     assert torch.equal(grid[:, :16, :16], pixels[0].repeat_interleave(2, 1).repeat_interleave(2, 2))
     assert grid[:, :16, 16:32].eq(0).all()
+
+
+def test_reconstruction_grid_labels_every_column_and_names_the_run():
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(4, 3, 32, 32, generator=generator)
+    plain = reconstruction_grid(pixels, 1 - pixels, pairs_per_row=2, labels=False)
+    labelled = reconstruction_grid(pixels, 1 - pixels, pairs_per_row=2)
+    titled = reconstruction_grid(pixels, 1 - pixels, pairs_per_row=2, title="softmax-knn_ce")
+    header = labelled.shape[1] - plain.shape[1]
+    assert header > 0 and titled.shape[1] > labelled.shape[1] and labelled.shape[2] == plain.shape[2]
+    assert torch.equal(labelled[:, header:], plain) and torch.equal(titled[:, -plain.shape[1] :], plain)
+    assert 0.0 <= float(labelled.min()) and float(labelled.max()) <= 1.0
+
+    cell, padding = 96, 2  # 32 px images enlarged 3x to the default min_size
+    ink = labelled[:, :header].mean(dim=0) < 0.5  # dark text on the white header
+    columns = [ink[:, padding + c * (cell + padding) : (c + 1) * (cell + padding)] for c in range(4)]
+    assert all(column.any() for column in columns), "every image column is labelled"
+    assert torch.equal(columns[0], columns[2]) and torch.equal(columns[1], columns[3])  # input, reconstruction, ...
+    assert not torch.equal(columns[0], columns[1])
+    other = reconstruction_grid(pixels, 1 - pixels, pairs_per_row=2, title="ste-euclid")
+    title_lines = titled.shape[1] - labelled.shape[1]
+    title_ink, other_ink = (grid[:, :title_lines].mean(dim=0) < 0.5 for grid in (titled, other))
+    assert title_ink.any() and not torch.equal(title_ink, other_ink), "the title line shows the run's name"
 
 
 def test_fallback_without_weights_is_named_rng_neutral_and_a_local_weights_file_loads_exactly(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ Distance = Literal["cosine", "euclid"]
 Inference = Literal["hard", "soft"]
 
 KnnScope = Literal["local", "global"]
+Backend = Literal["auto", "reference", "cpu", "triton"]
 
 SMOOTHING_METHODS: tuple[str, ...] = ("softmax", "soft_gumbel", "hard_gumbel")
 HARD_METHODS: tuple[str, ...] = ("ste", "rotation", "simvq")
@@ -20,6 +21,7 @@ REGULARIZERS: tuple[str, ...] = ("knn_ce", "knn_l2", "perplexity", "none")
 DISTANCES: tuple[str, ...] = ("cosine", "euclid")
 KNN_REGULARIZERS: tuple[str, ...] = ("knn_ce", "knn_l2")
 KNN_SCOPES: tuple[str, ...] = ("local", "global")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "cpu", "triton")
 
 
 @dataclass(kw_only=True)
@@ -86,6 +88,14 @@ class QuantizerConfig:
     """In training, regularize a random subset of S vertices per group and step (section 5.3's workaround): an
     unbiased estimate of eq. 13 (normalised by S K) whose top-K state and KNN gradient scale with S instead of M.
     Eval mode uses every vertex. Under ``knn_scope='global'`` rank 0's draw is broadcast."""
+
+    backend: Backend = "auto"
+    """Implementation of the memory-efficient streamed layer (:mod:`simplexvq.scale.backends`), chosen once per
+    quantizer: ``reference`` (portable PyTorch, the yardstick), ``cpu`` (CPU speed tricks), ``triton`` (fused,
+    sync-free GPU kernels; falls back to ``reference`` with one warning when they cannot run), ``auto`` (``cpu`` on
+    CPU tensors, ``triton`` on GPU tensors when the ``triton`` package imports, else ``reference``). Every backend
+    gives the same values and gradients and accepts every option; under ``torch.compile`` the ``cpu`` backend is
+    replaced by ``reference``. Only used with ``memory_efficient=True``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.gumbel_temperature, dict):
@@ -161,6 +171,7 @@ class QuantizerConfig:
     def _validate_scale(self) -> None:
         """The options of issue 4: global KNN, memory-efficient streaming, chunking, vertex subsampling."""
         _one_of("knn_scope", self.knn_scope, KNN_SCOPES)
+        _one_of("backend", self.backend, BACKENDS)
         knn = self.regularizer in KNN_REGULARIZERS
         if self.knn_scope == "global" and not knn:
             raise ValueError(

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from simplexvq.knn import SCOPES, KnnDistance, KnnScope, check_chunk_size, knn_loss_scaled
+from simplexvq.scale.checks import SCOPES, KnnDistance, KnnScope, check_chunk_size
+from simplexvq.scale.knn_loss import knn_loss_scaled
 
 __all__ = [
     "codebook_loss",

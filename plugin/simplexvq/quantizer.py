@@ -11,11 +11,11 @@ from simplexvq import functional as VQF
 from simplexvq import knn
 from simplexvq.codebook import Codebook, SimVQCodebook
 from simplexvq.config import KNN_REGULARIZERS, QuantizerConfig
-from simplexvq.efficient import streamed_softmax_quantize
 from simplexvq.hard import ESTIMATORS, hard_losses, nearest_codes
 from simplexvq.logits import CodeLogits
 from simplexvq.output import QuantizerOutput
 from simplexvq.regularizers import REGULARIZERS
+from simplexvq.scale.backends import StreamedBackend, make_backend, resolve_backend
 from simplexvq.smoothing import SMOOTHINGS
 from simplexvq.stats import hard_code_stats, probability_stats
 from simplexvq.validation import check_quantizer_input
@@ -35,6 +35,13 @@ class ProductQuantizer(nn.Module):
     (call forward on every rank, also with an empty or fully padded batch); ``memory_efficient=True`` streams the
     softmax smoothing, the KNN regularizer and the statistics over ``chunk_size`` rows at a time;
     ``vertex_subsample`` regularizes a random subset of vertices per training step.
+
+    Host syncs. A call reads nothing back from the device (no size read from a mask, no flag read from a check, no
+    compaction of padded rows) when the streamed layer's backend is sync-free (``backend="triton"``) or under
+    ``torch.compile``: padded rows stay in place as masked rows and the input checks run on the device
+    (``torch._assert_async``). Otherwise padded rows are left out before the computation and the input checks raise
+    their error messages on the host. Under ``torch.compile`` the dense methods keep rows in place only without a
+    ``padding_mask`` (with one they compact, a graph break).
     """
 
     def __init__(self, config: QuantizerConfig) -> None:
@@ -56,9 +63,9 @@ class ProductQuantizer(nn.Module):
             else None
         )
         self.num_updates = 0
-        # Memory-efficient KNN-CE: last step's per-vertex ceiling (simplexvq.ceiling). Speeds up the search and
-        # never changes its result, so it is a plain attribute: not in state_dict, not broadcast by DDP.
-        self._knn_hint: Tensor | None = None
+        # The streamed layer's backend (memory_efficient=True), made on the first call for the input's device; it
+        # holds its own state between steps (not in state_dict, not broadcast by DDP).
+        self.streamed_backend: StreamedBackend | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     def set_num_updates(self, num_updates: int) -> None:
@@ -96,29 +103,42 @@ class ProductQuantizer(nn.Module):
         """Quantize ``z`` (..., dim). ``padding_mask`` (...) marks padded positions with True (PyTorch's
         ``key_padding_mask`` convention); they take no part in any loss or statistic."""
         config = self.config
-        valid = self._valid_positions(z, padding_mask)
+        streams = config.is_smoothing and config.memory_efficient
+        backend = self._backend_for(z) if streams and isinstance(z, Tensor) else None
+        sync_free = torch.compiler.is_compiling() or (backend is not None and backend.sync_free)
+        valid = self._valid_positions(z, padding_mask, on_device=sync_free)
+        # Rows stay in place (masks as weights) on the sync-free path when every step can weight them.
+        in_place = sync_free and (padding_mask is None or streams)
         lead_shape = z.shape[:-1]
         flat = z.reshape(-1, config.groups, config.group_dim)
         # float32 at least (also under autocast), float64 for a .double() quantizer
         compute_dtype = torch.promote_types(self.codebook.weight.dtype, torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            x = flat[valid].to(compute_dtype)
-            if config.is_smoothing:
+            x = (flat if in_place else flat[valid]).to(compute_dtype)
+            row_mask = valid if in_place and padding_mask is not None else None
+            if streams:
+                quantized, indices, losses, stats, probs = self._smoothed_streamed(x, return_probs, row_mask)
+            elif config.is_smoothing:
                 quantized, indices, losses, stats, probs = self._smoothed(x, return_probs)
             else:
                 quantized, indices, losses, stats = self._hard(x)
                 probs = None
 
-        num_rows = flat.shape[0]
-        out = flat.new_zeros(num_rows, config.groups, config.group_dim)
-        out[valid] = quantized.to(z.dtype)
-        all_indices = torch.full((num_rows, config.groups), -1, dtype=torch.long, device=z.device)
-        all_indices[valid] = indices
-        if probs is not None:
-            all_probs = probs.new_zeros(num_rows, config.groups, config.codebook_size)
-            all_probs[valid] = probs
-            probs = all_probs.reshape(*lead_shape, config.groups, config.codebook_size)
         loss = sum(losses.values()) if losses else x.new_zeros(())
+        if in_place:
+            out, all_indices = quantized.to(z.dtype), indices
+        else:
+            num_rows = flat.shape[0]
+            out = flat.new_zeros(num_rows, config.groups, config.group_dim)
+            out[valid] = quantized.to(z.dtype)
+            all_indices = torch.full((num_rows, config.groups), -1, dtype=torch.long, device=z.device)
+            all_indices[valid] = indices
+            if probs is not None:
+                all_probs = probs.new_zeros(num_rows, config.groups, config.codebook_size)
+                all_probs[valid] = probs
+                probs = all_probs
+        if probs is not None:
+            probs = probs.reshape(*lead_shape, config.groups, config.codebook_size)
         return QuantizerOutput(
             quantized=out.reshape(z.shape),
             indices=all_indices.reshape(*lead_shape, config.groups),
@@ -128,12 +148,26 @@ class ProductQuantizer(nn.Module):
             probs=probs,
         )
 
-    def _valid_positions(self, z: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """The flat mask of unpadded positions; input errors are raised by :func:`check_quantizer_input`.
+    def _backend_for(self, z: Tensor) -> StreamedBackend:
+        """The streamed layer's backend for ``z``'s device, made once (again only if what it resolves to changes:
+        the module moved to another device type, or ``torch.compile`` traces the call, where ``cpu`` becomes
+        ``reference``)."""
+        name = resolve_backend(self.config.backend, z.device)
+        if name == "cpu" and torch.compiler.is_compiling():
+            name = "reference"  # the CPU tricks read candidate counts back: not traceable
+        if self.streamed_backend is None or self.streamed_backend.name != name:
+            self.streamed_backend = make_backend(name)
+        return self.streamed_backend
+
+    def _valid_positions(self, z: Tensor, padding_mask: Tensor | None, *, on_device: bool = False) -> Tensor:
+        """The flat mask of unpadded positions; input errors are raised by :func:`check_quantizer_input`
+        (``on_device``: the checks of values run on the device, without reading a flag back).
 
         A rank of a global KNN with nothing to quantize (empty or fully padded batch) must still join the
         collectives, so for it an empty selection is returned instead of the usual error.
         """
+        if on_device:
+            return check_quantizer_input(z, self.config.dim, padding_mask, on_device=True, allow_empty=self._global_knn)
         if self._global_knn and isinstance(z, Tensor) and z.dim() >= 2 and z.shape[-1] == self.config.dim:
             positions = z.shape[:-1].numel()
             if padding_mask is None:
@@ -178,8 +212,6 @@ class ProductQuantizer(nn.Module):
         self, x: Tensor, return_probs: bool
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
         config = self.config
-        if config.memory_efficient:
-            return self._smoothed_streamed(x, return_probs)
         codebook = self.codebook().to(x.dtype)
         log_pi = torch.log_softmax(self.logits(x, codebook), dim=-1)
         pi = log_pi.exp()
@@ -209,9 +241,10 @@ class ProductQuantizer(nn.Module):
         return quantized, indices, losses, stats, (pi if return_probs else None)
 
     def _smoothed_streamed(
-        self, x: Tensor, return_probs: bool
+        self, x: Tensor, return_probs: bool, valid: Tensor | None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], None]:
-        """``memory_efficient=True``: the softmax path of :meth:`_smoothed`, streamed (:mod:`simplexvq.efficient`)."""
+        """``memory_efficient=True``: the softmax path of :meth:`_smoothed`, streamed by the configured backend
+        (:mod:`simplexvq.scale.backends`); ``valid`` (N,) the unpadded rows when padded rows are kept in place."""
         config = self.config
         if return_probs:
             raise ValueError(
@@ -221,7 +254,7 @@ class ProductQuantizer(nn.Module):
         codebook = self.codebook().to(x.dtype)
         knn_reg = config.regularizer in KNN_REGULARIZERS and self._knn_defined(x.shape[0])
         soft_output = self.training or config.inference == "soft"
-        result = streamed_softmax_quantize(
+        result = self._backend_for(x).quantize(
             x,
             codebook,
             self.logits.temperature.to(x.dtype),
@@ -232,13 +265,13 @@ class ProductQuantizer(nn.Module):
             chunk_size=config.chunk_size,
             scope=config.knn_scope,
             vertices=self._knn_vertices(x.device) if knn_reg else None,
-            knn_hint=self._usable_knn_hint(x),
+            valid=valid,
         )
-        self._knn_hint = result.knn_hint
         if soft_output:
             quantized = result.quantized
-        else:  # the hard code vectors, as the dense path's onehot @ Q
-            quantized = codebook[torch.arange(config.groups, device=x.device), result.indices]
+        else:  # the hard code vectors, as the dense path's onehot @ Q (zero rows at padding)
+            codes = codebook[torch.arange(config.groups, device=x.device), result.indices.clamp_min(0)]
+            quantized = codes if valid is None else torch.where(valid[:, None, None], codes, codes.new_zeros(()))
         losses: dict[str, Tensor] = {}
         if knn_reg:
             losses[config.regularizer] = config.regularizer_weight * result.knn_loss
@@ -246,10 +279,6 @@ class ProductQuantizer(nn.Module):
         stats.update(result.stats)
         stats["temperature"] = self.logits.temperature.detach()
         return quantized, result.indices, losses, stats, None
-
-    def _usable_knn_hint(self, x: Tensor) -> Tensor | None:
-        """Last step's ceiling on the input's device and dtype (the module may have moved since)."""
-        return None if self._knn_hint is None else self._knn_hint.to(device=x.device, dtype=x.dtype)
 
     def _hard(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         config = self.config
@@ -259,3 +288,40 @@ class ProductQuantizer(nn.Module):
             config.method, nearest.inputs.flatten(1), nearest.codes.flatten(1), config.commitment_weight
         )
         return quantized, nearest.indices, losses, hard_code_stats(nearest.indices, config.codebook_size)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def decode(self, indices: Tensor) -> Tensor:
+        """Code vectors of ``indices`` (..., G): the (..., dim) output that eval mode's hard inference gives for
+        these codes (for hard methods with cosine distance the unit-normalised code vectors, as they quantize on
+        the sphere). ``-1`` (a padded position, as in :attr:`QuantizerOutput.indices`) decodes to zeros.
+
+        Checks that every index lies in ``[-1, codebook_size)``, which reads one boolean back from the device.
+        """
+        config = self.config
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"decode expects a tensor of code indices, got {type(indices).__name__}")
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise ValueError(
+                f"decode expects integer code indices, got dtype {indices.dtype}; pass QuantizerOutput.indices "
+                "(torch.long) or cast with .long()"
+            )
+        if indices.dim() == 0 or indices.shape[-1] != config.groups:
+            raise ValueError(
+                f"decode expects indices of shape (..., groups) = (..., {config.groups}), got "
+                f"{tuple(indices.shape)}; pass QuantizerOutput.indices, which has one code per group"
+            )
+        out_of_range = (indices < -1) | (indices >= config.codebook_size)
+        if bool(out_of_range.any()):
+            bad = indices[out_of_range].flatten()[:5].tolist()
+            raise ValueError(
+                f"decode: code indices must lie in [0, {config.codebook_size}) (codebook_size), or be -1 for "
+                f"padding; got {bad}"
+            )
+        codebook = self.code_vectors()
+        if not config.is_smoothing and config.distance == "cosine":
+            codebook = F.normalize(codebook, dim=-1)
+        flat = indices.reshape(-1, config.groups).to(codebook.device)
+        groups = torch.arange(config.groups, device=codebook.device)
+        vectors = codebook[groups, flat.clamp_min(0)]
+        vectors = torch.where((flat >= 0).unsqueeze(-1), vectors, vectors.new_zeros(()))
+        return vectors.reshape(*indices.shape[:-1], config.dim)

@@ -3,18 +3,21 @@
 A registry entry is a factory ``(**kwargs) -> nn.Module`` whose forward returns a
 :class:`~simplexvq.QuantizerOutput`. Built-in names are ``<smoothing>-<regularizer>`` for the smoothing methods
 (``softmax-knn_ce``, ``hard_gumbel-perplexity``, ``soft_gumbel-none``, ...), ``<estimator>-<distance>`` for the
-hard ones (``ste-euclid``, ``rotation-cosine``, ...) and ``simvq``.
+hard ones (``ste-euclid``, ``rotation-cosine``, ...) and ``simvq``. :func:`paper_methods` lists the rows of the
+paper's tables by these names; :func:`quantizer_traits` says what a name stands for (KNN regularizer, Gumbel
+sampling, ...) so that adapters need not parse it.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from torch import nn
 
-from simplexvq.config import DISTANCES, REGULARIZERS, SMOOTHING_METHODS, QuantizerConfig
+from simplexvq.config import DISTANCES, KNN_REGULARIZERS, REGULARIZERS, SMOOTHING_METHODS, QuantizerConfig
 from simplexvq.quantizer import ProductQuantizer
 from simplexvq.spec import QuantizerSpec
 
@@ -73,6 +76,63 @@ def build_quantizer(spec: str | QuantizerConfig | QuantizerSpec, **overrides: An
     if spec not in _REGISTRY:
         raise _unknown(spec, known=available_quantizers(), what="quantizer")
     return _REGISTRY[spec](**overrides)
+
+
+PAPER_METHODS: tuple[str, ...] = (
+    "ste-euclid",
+    "ste-cosine",
+    "rotation-euclid",
+    "rotation-cosine",
+    *(
+        f"{smoothing}-{regularizer}"
+        for smoothing in ("hard_gumbel", "soft_gumbel", "softmax")
+        for regularizer in ("perplexity", "knn_l2", "knn_ce")
+    ),
+)
+"""The 13 rows of the paper's Tables 1 (image autoencoding) and 2 (wav2vec 2.0), in its order: STE and the rotation
+trick (RE) with Euclidean and cosine distance, then hard Gumbel, soft Gumbel and softmax smoothing, each with the
+perplexity (PPL), KNN-L2 and KNN-CE regularizers."""
+
+PaperTable = Literal["table1", "table2"]
+
+
+def paper_methods(table: PaperTable = "table1", *, include_simvq: bool = False) -> tuple[str, ...]:
+    """The registered names of the rows of the paper's ``table`` (``table1`` and ``table2`` share the same 13
+    rows), optionally followed by ``simvq`` (a baseline from Zhu et al. 2024, not in the paper's tables)."""
+    if table not in ("table1", "table2"):
+        raise ValueError(f"paper_methods: table must be 'table1' or 'table2', got {table!r}")
+    return PAPER_METHODS + (("simvq",) if include_simvq else ())
+
+
+@dataclass(frozen=True)
+class QuantizerTraits:
+    """What a registered name stands for. Third-party quantizers are ``built_in=False`` and every trait False."""
+
+    built_in: bool
+    smoothing: bool
+    """A smoothing method (softmax, soft/hard Gumbel): assignment probabilities, a learnable logit temperature."""
+    gumbel: bool
+    """Samples Gumbel noise: its temperature follows ``set_num_updates`` (``QuantizerConfig.gumbel_temperature``)."""
+    knn: bool
+    """Regularized by eq. 13 (``knn_ce`` / ``knn_l2``): ``knn_k``, ``knn_scope`` and ``vertex_subsample`` apply."""
+    regularizer: str | None
+    """``QuantizerConfig.regularizer`` of a built-in name (``none`` for hard methods); ``None`` for third parties."""
+
+
+def quantizer_traits(name: str) -> QuantizerTraits:
+    """The traits of a registered quantizer name; ``KeyError`` (with suggestions) for an unknown one."""
+    if name not in _REGISTRY:
+        raise _unknown(name, known=available_quantizers(), what="quantizer")
+    if name not in _PRESETS:
+        return QuantizerTraits(built_in=False, smoothing=False, gumbel=False, knn=False, regularizer=None)
+    preset = _PRESETS[name]
+    return QuantizerTraits(
+        built_in=True,
+        smoothing=preset["method"] in SMOOTHING_METHODS,
+        gumbel=preset["method"] in ("soft_gumbel", "hard_gumbel"),
+        knn=preset["regularizer"] in KNN_REGULARIZERS,
+        regularizer=preset["regularizer"],
+    )
 
 
 def _unknown(name: str, *, known: list[str], what: str) -> KeyError:

@@ -10,16 +10,21 @@ from simplexvq.functional import perplexity
 
 @torch.no_grad()
 def code_histogram(indices: Tensor, codebook_size: int) -> Tensor:
-    """Counts of each code per group: ``indices`` (N, G) with values in [0, M) -> (G, M) float counts."""
+    """Counts of each code per group: ``indices`` (N, G) with values in [0, M), or -1 for a padded position (not
+    counted) -> (G, M) float counts. A scatter-add into a fixed (G, M) buffer: no size is read back from the device
+    (``bincount`` reads the largest index to size its output)."""
     groups = indices.shape[1]
+    counted = indices >= 0
     offsets = torch.arange(groups, device=indices.device) * codebook_size
-    flat = (indices + offsets).reshape(-1)
-    return torch.bincount(flat, minlength=groups * codebook_size).reshape(groups, codebook_size).float()
+    flat = (indices.clamp_min(0) + offsets).reshape(-1)
+    counts = torch.zeros(groups * codebook_size, dtype=torch.float32, device=indices.device)
+    return counts.index_add_(0, flat, counted.reshape(-1).to(torch.float32)).reshape(groups, codebook_size)
 
 
 @torch.no_grad()
 def hard_code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
-    """``code_perplexity``: perplexity of the mean onehot code, per group (fairseq's ``code_perplexity``)."""
+    """``code_perplexity``: perplexity of the mean onehot code, per group (fairseq's ``code_perplexity``); indices
+    of -1 (padded positions) are left out."""
     counts = code_histogram(indices, codebook_size)
     return {"code_perplexity": perplexity(counts / counts.sum(dim=-1, keepdim=True))}
 

@@ -6,8 +6,17 @@ import torch
 from torch import Tensor
 
 
-def check_quantizer_input(z: Tensor, dim: int, padding_mask: Tensor | None) -> Tensor:
-    """Validate ``z`` (..., dim) and ``padding_mask`` (...) and return the flat bool mask of valid positions."""
+def check_quantizer_input(
+    z: Tensor, dim: int, padding_mask: Tensor | None, *, on_device: bool = False, allow_empty: bool = False
+) -> Tensor:
+    """Validate ``z`` (..., dim) and ``padding_mask`` (...) and return the flat bool mask of valid positions.
+
+    Shapes and dtypes are checked on the host. The values (some position unpadded, every unpadded value finite)
+    are checked on the host too, which reads a flag back from the device; with ``on_device=True`` they are checked
+    with ``torch._assert_async`` instead (no host sync: on a GPU the error surfaces at the next synchronisation, as
+    a device-side assertion carrying the same message). ``allow_empty``: a batch without unpadded positions is
+    accepted (a rank of a global KNN must still join its collectives).
+    """
     if not isinstance(z, Tensor):
         raise TypeError(f"quantizer input must be a torch.Tensor, got {type(z).__name__}")
     if z.dim() < 2:
@@ -34,6 +43,9 @@ def check_quantizer_input(z: Tensor, dim: int, padding_mask: Tensor | None) -> T
         if padding_mask.dtype != torch.bool:
             raise TypeError(f"padding_mask must be a bool tensor (True = padded), got {padding_mask.dtype}")
         valid = ~padding_mask.reshape(-1)
+    if on_device:
+        _check_values_on_device(z.detach().reshape(-1, dim), valid, allow_empty)
+        return valid
     num_valid = int(valid.sum())
     if num_valid == 0:
         raise ValueError(
@@ -51,3 +63,19 @@ def check_quantizer_input(z: Tensor, dim: int, padding_mask: Tensor | None) -> T
             "float32)"
         )
     return valid
+
+
+def _check_values_on_device(flat: Tensor, valid: Tensor, allow_empty: bool) -> None:
+    """The value checks of :func:`check_quantizer_input` as device-side assertions (nothing read back)."""
+    if not allow_empty:
+        torch._assert_async(
+            valid.any(),
+            "quantizer input holds no positions to quantize (empty or all padded); skip empty batches before calling "
+            "the quantizer",
+        )
+    finite = torch.isfinite(flat).all(dim=-1) | ~valid
+    torch._assert_async(
+        finite.all(),
+        "quantizer input contains NaN or Inf values at unpadded positions; the upstream network diverged or "
+        "overflowed (lower the learning rate, clip gradients, or run the encoder in float32)",
+    )

@@ -13,15 +13,20 @@ concatenated batch.
   than K, or none.
 * ``QUANTIZER``: a :class:`~simplexvq.ProductQuantizer` wrapped in ``DistributedDataParallel`` (gradients averaged
   by DDP itself), dense or memory-efficient; one rank may get only padding or an empty batch.
+  The ``*-reference`` and ``*-triton`` scenarios run the streamed layer on those backends (the Triton backend on
+  the real kernels in Triton's interpreter when ``simplexvq.scale.triton`` can run, else on the fake kernels of
+  ``tests/fake_triton_kernels.py``); their single-process reference is the reference backend.
 * ``ERRORS``: K larger than the global number of rows must raise the same error on every rank (no hang).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -67,6 +72,31 @@ QUANTIZER: dict[str, dict] = {
         "config": {"regularizer": "knn_ce", "memory_efficient": True, "vertex_subsample": 2},
     },
 }
+STREAMED = {"regularizer": "knn_ce", "memory_efficient": True, "chunk_size": 2}
+for _backend in ("reference", "triton"):
+    QUANTIZER |= {
+        f"efficient-ce-{_backend}": {
+            "shapes": ((2, 3), (1, 5)),
+            "pad": "some",
+            "config": {**STREAMED, "backend": _backend},
+        },
+        f"efficient-l2-euclid-subsample-{_backend}": {
+            "shapes": ((1, 2), (2, 4)),
+            "pad": "some",
+            "config": {
+                **STREAMED,
+                "regularizer": "knn_l2",
+                "distance": "euclid",
+                "vertex_subsample": 3,
+                "backend": _backend,
+            },
+        },
+        f"efficient-rank0-all-padding-{_backend}": {
+            "shapes": ((2, 3), (2, 4)),
+            "pad": "rank0",
+            "config": {**STREAMED, "backend": _backend},
+        },
+    }
 ERRORS: dict[str, dict] = {"k-above-global-n": {"sizes": (1, 2), "k": 4, "distance": "ce", "chunk_size": None}}
 QUANTIZER_K = 3
 SUBSAMPLE_SEED = 100
@@ -120,14 +150,34 @@ def quantizer_shards(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def build_quantizer(name: str, scope: str):
+    """The scenario's quantizer; the single-process one (``scope="local"``) runs the reference backend where the
+    scenario names the Triton backend."""
     import simplexvq
 
     case = QUANTIZER[name]
     config = simplexvq.QuantizerConfig(
         dim=DIM, groups=GROUPS, codebook_size=CODEBOOK_SIZE, knn_k=QUANTIZER_K, **case["config"]
     )
+    if scope == "local" and config.backend == "triton":
+        config = dataclasses.replace(config, backend="reference")
     torch.manual_seed(0)
     return simplexvq.ProductQuantizer(dataclasses.replace(config, knn_scope=scope)).double()
+
+
+def use_available_triton_kernels() -> None:
+    """The Triton backend's kernels: the real ones in the interpreter when they can run, else the fake ones."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from simplexvq.scale.backends import triton_backend
+
+    try:
+        kernels = importlib.import_module("simplexvq.scale.triton")
+        usable = kernels.triton_available()[0]
+    except ImportError:
+        usable = False
+    if not usable:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        kernels = importlib.import_module("fake_triton_kernels")
+    triton_backend.load_triton_kernels = lambda: kernels
 
 
 def _listed(x: torch.Tensor | None) -> list[float] | None:
@@ -168,6 +218,7 @@ def _run_quantizer(name: str, rank: int) -> dict:
         "grads": {n: _listed(p.grad) for n, p in quantizer.named_parameters()},
         "z_grad": _listed(z.grad),
         "valid_rows": int((~pad).sum()),
+        "fell_back": bool(getattr(quantizer.streamed_backend, "fell_back", False)),
     }
 
 
@@ -175,6 +226,7 @@ def main() -> None:
     import torch.distributed as dist
 
     outdir = sys.argv[1]
+    use_available_triton_kernels()
     dist.init_process_group("gloo")
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -7,6 +7,7 @@ Importing this package imports fairseq2; ``import simplexvq`` does not import it
 from simplexvq.fairseq2_extension.aux_loss import GradScale, inject_aux_loss, probe_grad_scale
 from simplexvq.fairseq2_extension.config import (
     SIMPLEXVQ_WAV2VEC2_FAMILY,
+    TINY_ASR_ARCH,
     QuantizerSection,
     SimplexVQWav2Vec2Config,
 )
@@ -17,6 +18,7 @@ from simplexvq.fairseq2_extension.registration import setup_simplexvq_extension
 
 __all__ = [
     "SIMPLEXVQ_WAV2VEC2_FAMILY",
+    "TINY_ASR_ARCH",
     "GradScale",
     "QuantizerSection",
     "SimplexVQQuantizerOutput",

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from fairseq2.models.wav2vec2 import Wav2Vec2Factory, Wav2Vec2Model, Wav2Vec2VectorQuantizer
-from torch import nn
+from fairseq2.models.wav2vec2 import (
+    Wav2Vec2Factory,
+    Wav2Vec2Loss,
+    Wav2Vec2Model,
+    Wav2Vec2Output,
+    Wav2Vec2VectorQuantizer,
+)
 
 from simplexvq.fairseq2_extension.aux_loss import probe_grad_scale
 from simplexvq.fairseq2_extension.config import SimplexVQWav2Vec2Config
-from simplexvq.fairseq2_extension.quantizer import SimplexVQWav2Vec2Quantizer
+from simplexvq.fairseq2_extension.quantizer import SimplexVQQuantizerOutput, SimplexVQWav2Vec2Quantizer
 
 
 class SimplexVQWav2Vec2Factory(Wav2Vec2Factory):
@@ -21,7 +27,9 @@ class SimplexVQWav2Vec2Factory(Wav2Vec2Factory):
 
     def create_model(self) -> Wav2Vec2Model:
         model = super().create_model()
-        model.register_forward_hook(probe_loss_scale_hook)
+        if self._simplexvq_config.aux_loss_as_diversity:
+            model.register_forward_hook(report_aux_loss_hook, with_kwargs=True)
+        model.register_forward_hook(probe_loss_scale_hook)  # after the report: it wraps the final aggregate
         return model
 
     def create_quantizer(self) -> Wav2Vec2VectorQuantizer:
@@ -34,20 +42,42 @@ class SimplexVQWav2Vec2Factory(Wav2Vec2Factory):
             config.codebook_sampling_temperature,
             method=config.quantizer.method,
             quantizer_kwargs=config.quantizer_kwargs(),
-            inject_aux_loss=config.quantizer.inject_aux_loss,
+            inject_aux_loss=config.inject_aux_loss,
         )
 
 
-def probe_loss_scale_hook(model: nn.Module, args: Any, output: Any) -> None:
+DEFAULT_DIVERSITY_WEIGHT: float = inspect.signature(Wav2Vec2Model.forward).parameters["diversity_weight"].default
+
+
+def report_aux_loss_hook(
+    model: Wav2Vec2Model, args: Any, kwargs: dict[str, Any], result: tuple[Wav2Vec2Loss, Wav2Vec2Output]
+) -> None:
+    """Forward hook of the model: put the quantizer's (injected) auxiliary loss where fairseq2 reports losses.
+
+    ``Wav2Vec2Loss.diversity`` becomes ``aux_loss x num_targets`` (sum-scaled like the other terms) and
+    ``aggregate`` becomes ``contrastive + aux + feature penalty``, the objective the injected gradient optimises.
+    Both changes add gradient-free constants (the family's diversity term is detached, the injected loss too), so
+    the gradient of ``aggregate`` is unchanged; fairseq2's wav2vec2 recipe then logs the KNN loss as
+    ``diversity_loss`` and the full objective as ``loss``.
+    """
+    loss, output = result
+    quantizer_output = output.quantizer_output
+    if not (model.quantizer.inject_aux_loss and isinstance(quantizer_output, SimplexVQQuantizerOutput)):
+        return  # without injection the caller adds aux_loss to its loss itself
+    num_targets = output.logits.shape[0] * output.logits.shape[1]
+    diversity_weight = kwargs.get("diversity_weight", DEFAULT_DIVERSITY_WEIGHT)
+    aux = quantizer_output.aux_loss.detach().to(loss.aggregate.dtype) * num_targets
+    loss.aggregate = loss.aggregate + (aux - diversity_weight * loss.diversity.detach())
+    loss.diversity = aux
+
+
+def probe_loss_scale_hook(model: Wav2Vec2Model, args: Any, output: tuple[Wav2Vec2Loss, Wav2Vec2Output]) -> None:
     """Forward hook of the model: let the injected auxiliary gradient follow the loss scale (``aux_loss.py``).
 
     Wraps ``loss.aggregate`` of ``Wav2Vec2Model.forward``'s ``(loss, output)`` in an identity that records the
     gradient arriving at it; the value and every other field are unchanged.
     """
-    quantizer = getattr(model, "quantizer", None)
-    if not isinstance(quantizer, SimplexVQWav2Vec2Quantizer):
-        return
-    scale = quantizer.pop_grad_scale()
+    scale = model.quantizer.pop_grad_scale()
     loss = output[0]
     if scale is not None and loss.aggregate.requires_grad:
         loss.aggregate = probe_grad_scale(loss.aggregate, scale)

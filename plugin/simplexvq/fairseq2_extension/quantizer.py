@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from fairseq2.models.wav2vec2 import Wav2Vec2VectorQuantizer, Wav2Vec2VectorQuantizerOutput
 from fairseq2.nn import Linear
-from torch import Tensor, nn
+from torch import Tensor
 
 import simplexvq
 from simplexvq.fairseq2_extension.aux_loss import GradScale, inject_aux_loss
-
-GUMBEL_METHODS = ("soft_gumbel", "hard_gumbel")
+from simplexvq.protocol import Quantizer, check_quantizer
 
 
 @dataclass
@@ -57,7 +56,11 @@ class SimplexVQWav2Vec2Quantizer(Wav2Vec2VectorQuantizer):
     row's length and every row has the same number of them, so no padding can reach the quantizer.
 
     **Steps.** ``num_updates`` (persistent, as in fairseq2's Gumbel quantizer) counts training forward passes and
-    drives the Gumbel temperature ``codebook_sampling_temperature`` of the Gumbel methods.
+    is handed to the core's ``set_num_updates`` before each pass; it drives the Gumbel temperature
+    ``codebook_sampling_temperature`` of the Gumbel methods.
+
+    **Contract.** ``core`` is any registered quantizer (:class:`simplexvq.Quantizer`: checked when it is built);
+    :meth:`decode` maps (..., G) code indices to the (..., output_dim) code vectors.
     """
 
     def __init__(
@@ -81,19 +84,14 @@ class SimplexVQWav2Vec2Quantizer(Wav2Vec2VectorQuantizer):
         self.num_updates: Tensor
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
         self._grad_scale: GradScale | None = None
-        config = getattr(self.core, "config", None)
-        self._uses_gumbel = getattr(config, "method", None) in GUMBEL_METHODS or (
-            not isinstance(self.core, simplexvq.ProductQuantizer) and hasattr(self.core, "set_num_updates")
-        )
+        self._samples_gumbel = simplexvq.quantizer_traits(method).gumbel
 
-    def _build_core(self) -> nn.Module:
-        return simplexvq.build_quantizer(
-            self.method,
-            dim=self.output_dim,
-            codebook_size=self.num_codebook_entries,
-            groups=self.num_codebooks,
-            **self.quantizer_kwargs,
-        )
+    def _build_core(self) -> Quantizer:
+        """``build_quantizer(method, **quantizer_kwargs)``: ``quantizer_kwargs`` holds the shapes (``dim`` =
+        ``output_dim``, ``codebook_size``, ``groups``) and the options (``SimplexVQWav2Vec2Config.quantizer_kwargs``).
+        """
+        core = simplexvq.build_quantizer(self.method, **self.quantizer_kwargs)
+        return check_quantizer(core, name=f"quantizer {self.method!r}")
 
     def reset_parameters(self) -> None:
         """Re-initialise the simplexvq quantizer and the step counter (``input_proj`` resets itself).
@@ -117,8 +115,7 @@ class SimplexVQWav2Vec2Quantizer(Wav2Vec2VectorQuantizer):
     def forward(self, x: Tensor) -> SimplexVQQuantizerOutput:
         """``x``: (N, S_msk, input_dim) features of the masked positions."""
         batch_size, seq_len = x.shape[:2]
-        if self._uses_gumbel:
-            self.core.set_num_updates(int(self.num_updates))
+        self.core.set_num_updates(int(self.num_updates))
         out = self.core(self.input_proj(x))
         if self.training:
             self.num_updates.add_(1)
@@ -147,8 +144,13 @@ class SimplexVQWav2Vec2Quantizer(Wav2Vec2VectorQuantizer):
             stats=out.stats,
         )
 
+    def decode(self, indices: Tensor) -> Tensor:
+        """Code vectors of ``indices`` (..., G), e.g. ``SimplexVQQuantizerOutput.indices``: (..., output_dim), the
+        quantized vectors eval mode gives for those codes (``-1`` -> zeros); see :meth:`simplexvq.Quantizer.decode`."""
+        return self.core.decode(indices)
+
     def _temperature(self, stats: dict[str, Tensor]) -> float:
-        if self._uses_gumbel and hasattr(self.core, "gumbel_temperature"):
+        if self._samples_gumbel and isinstance(self.core, simplexvq.ProductQuantizer):
             return float(self.core.gumbel_temperature)
         if "temperature" in stats:
             return float(stats["temperature"].float().mean())

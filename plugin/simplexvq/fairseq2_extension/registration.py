@@ -1,4 +1,5 @@
-"""The ``fairseq2.extension`` entry point: register the ``wav2vec2_simplexvq`` model family and its archs."""
+"""The ``fairseq2.extension`` entry point: register the ``wav2vec2_simplexvq`` model family, its archs, and the
+``wav2vec2_asr`` archs that fine-tune them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fairseq2.runtime.dependency import DependencyContainer
 from simplexvq.fairseq2_extension.config import (
     SIMPLEXVQ_WAV2VEC2_FAMILY,
     SimplexVQWav2Vec2Config,
+    register_simplexvq_asr_configs,
     register_simplexvq_wav2vec2_configs,
 )
 from simplexvq.fairseq2_extension.factory import create_simplexvq_wav2vec2_model
@@ -31,3 +33,4 @@ def setup_simplexvq_extension(container: DependencyContainer) -> None:
         layerwise_ac_applier=apply_ac_to_wav2vec2,
     )
     register_simplexvq_wav2vec2_configs(container)
+    register_simplexvq_asr_configs(container)

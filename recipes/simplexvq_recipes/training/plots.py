@@ -1,4 +1,9 @@
-"""PNG plots users expect from a quantizer run: code usage over training, and a histogram of code usage."""
+"""PNG plots users expect from a quantizer run: code usage over training, and a histogram of code usage.
+
+Each plot names the quantizer method (``method=``, e.g. ``softmax-knn_ce``) in its title and legend, so that
+pictures of several runs side by side say which is which. ``*_figure`` functions return the matplotlib figure;
+``plot_*`` save it as a PNG.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ import torch  # noqa: E402
 from simplexvq_recipes.training.tracking import MetricHistory  # noqa: E402
 
 
-def plot_code_usage(history: MetricHistory, path: str | Path, prefix: str = "val/usage") -> Path:
-    """Code usage (%) of every codebook group against the training step."""
+def code_usage_figure(history: MetricHistory, prefix: str = "val/usage", *, method: str | None = None) -> plt.Figure:
+    """Code usage (%) of every codebook group against the training step; ``method`` goes into title and legend."""
     keys = [k for k in history.keys() if k == prefix or k.startswith(prefix + "/")]
     if not keys:
         raise ValueError(f"no metric named {prefix!r} or {prefix}/<group> in the history; known: {history.keys()}")
@@ -22,16 +27,24 @@ def plot_code_usage(history: MetricHistory, path: str | Path, prefix: str = "val
     for key in keys:
         steps, values = history.series(key)
         label = f"codebook {key.rsplit('/', 1)[-1]}" if key != prefix else "codebook"
-        axis.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=label)
+        axis.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=_named(method, label))
+    axis.set_title(_named(method, f"code usage ({prefix})"))
     axis.set_xlabel("training step")
     axis.set_ylabel("code usage (%)")
     axis.set_ylim(0, 105)
     axis.grid(alpha=0.3)
     axis.legend()
-    return _save(figure, path)
+    return figure
 
 
-def plot_code_histogram(counts: torch.Tensor, path: str | Path, title: str = "code usage") -> Path:
+def plot_code_usage(
+    history: MetricHistory, path: str | Path, prefix: str = "val/usage", *, method: str | None = None
+) -> Path:
+    """Save :func:`code_usage_figure` as a PNG at ``path``."""
+    return _save(code_usage_figure(history, prefix, method=method), path)
+
+
+def code_histogram_figure(counts: torch.Tensor, title: str = "code usage", *, method: str | None = None) -> plt.Figure:
     """How often each code was used (codes sorted by frequency), one panel per group; ``counts``: (G, M)."""
     counts = counts.detach().double().cpu()
     groups = counts.shape[0]
@@ -42,10 +55,21 @@ def plot_code_histogram(counts: torch.Tensor, path: str | Path, title: str = "co
         used = int((frequencies > 0).sum())
         axis.bar(range(len(frequencies)), (frequencies / total).tolist(), width=1.0)
         axis.set_yscale("log")
-        axis.set_title(f"{title}, codebook {group}: {used}/{len(frequencies)} codes used")
+        axis.set_title(_named(method, f"{title}, codebook {group}: {used}/{len(frequencies)} codes used"))
         axis.set_xlabel("code rank")
         axis.set_ylabel("frequency")
-    return _save(figure, path)
+    return figure
+
+
+def plot_code_histogram(
+    counts: torch.Tensor, path: str | Path, title: str = "code usage", *, method: str | None = None
+) -> Path:
+    """Save :func:`code_histogram_figure` as a PNG at ``path``."""
+    return _save(code_histogram_figure(counts, title, method=method), path)
+
+
+def _named(method: str | None, text: str) -> str:
+    return text if method is None else f"{method}: {text}"
 
 
 def _save(figure: plt.Figure, path: str | Path) -> Path:

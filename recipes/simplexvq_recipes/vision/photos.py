@@ -16,19 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from simplexvq_recipes.natural_patches import load_photo
+from simplexvq_recipes.natural_patches import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
 
-SKIMAGE_TRAIN: tuple[str, ...] = (
-    "astronaut",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "camera",
-    "coins",
-    "grass",
-    "brick",
-)
-SKIMAGE_VAL: tuple[str, ...] = ("chelsea", "immunohistochemistry", "gravel", "moon", "clock")
+SKIMAGE_TRAIN: tuple[str, ...] = TRAIN_PHOTOS
+SKIMAGE_VAL: tuple[str, ...] = VAL_PHOTOS
 
 OPENCV_DOC_DIR = Path("/usr/share/doc/opencv-doc/examples/data")
 OPENCV_DOC_TRAIN: tuple[str, ...] = (

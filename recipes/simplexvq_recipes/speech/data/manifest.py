@@ -7,6 +7,11 @@ audio as in fairseq. As a command, writes ``train.tsv`` and ``valid.tsv`` for a 
 
 ``--group-depth N`` holds out whole folders (the first N path components: speakers, chapters, levels) instead
 of single files, so no group is split between train and valid.
+
+Every file is decoded in full and checked against its container's size fields
+(:func:`~simplexvq_recipes.speech.data.audio.verify_audio`): a truncated or corrupt file is left out with a
+warning that names it and says why (``--strict`` stops at it instead), so that it cannot stop a training run
+midway. ``--header-only`` reads only the headers: much faster, but a file cut short after an intact header passes.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from simplexvq_recipes.speech.data.audio import AudioReadError, audio_info
+from simplexvq_recipes.speech.data.audio import AudioReadError, audio_info, verify_audio
 from simplexvq_recipes.training.atomic import atomic_write_text
 
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3", "opus")
@@ -89,10 +94,11 @@ def write_manifest(path: str | Path, root: str | Path, entries: Iterable[Manifes
     return path
 
 
-def _measure(job: tuple[str, str, int]) -> tuple[str, int | None, str | None]:
-    root, relative, sample_rate = job
+def _measure(job: tuple[str, str, int, bool]) -> tuple[str, int | None, str | None]:
+    root, relative, sample_rate, decode = job
+    measure = verify_audio if decode else audio_info
     try:
-        return relative, audio_info(Path(root) / relative, sample_rate), None
+        return relative, measure(Path(root) / relative, sample_rate), None
     except AudioReadError as error:
         return relative, None, str(error)
 
@@ -103,15 +109,17 @@ def scan_audio(
     extensions: Sequence[str] = AUDIO_EXTENSIONS,
     sample_rate: int = 16000,
     jobs: int = 1,
+    decode: bool = True,
 ) -> tuple[list[ManifestEntry], list[str]]:
-    """Every audio file under ``audio_dir`` (sorted) with its length; unreadable or empty files are returned
-    separately as error messages (so the caller decides whether to warn or stop)."""
+    """Every audio file under ``audio_dir`` (sorted) with its length; unreadable, empty, truncated or corrupt files
+    are returned separately as error messages (so the caller decides whether to warn or stop). ``decode=False``
+    reads only the headers (fast, but a file cut short after an intact header passes)."""
     audio_dir = Path(audio_dir)
     if not audio_dir.is_dir():
         raise FileNotFoundError(f"audio folder {audio_dir} does not exist")
     suffixes = {"." + ext.lower().lstrip(".") for ext in extensions}
     files = sorted(p.relative_to(audio_dir).as_posix() for p in audio_dir.rglob("*") if p.suffix.lower() in suffixes)
-    jobs_list = [(str(audio_dir), relative, sample_rate) for relative in files]
+    jobs_list = [(str(audio_dir), relative, sample_rate, decode) for relative in files]
     if jobs > 1 and len(files) > 1:
         with ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(_measure, jobs_list, chunksize=64))
@@ -189,15 +197,27 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     parser.add_argument("--ext", nargs="+", default=list(AUDIO_EXTENSIONS), help="audio file extensions")
     parser.add_argument("--sample-rate", type=int, default=16000, help="rate the lengths are counted at")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1, help="processes reading file headers")
-    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
+    parser.add_argument("--jobs", type=int, default=1, help="processes reading (and decoding) the files")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable or truncated file")
+    parser.add_argument(
+        "--header-only",
+        action="store_true",
+        help="read only the headers (fast; does not detect files cut short after an intact header)",
+    )
     args = parser.parse_args(argv)
 
-    entries, errors = scan_audio(args.audio_dir, extensions=args.ext, sample_rate=args.sample_rate, jobs=args.jobs)
+    entries, errors = scan_audio(
+        args.audio_dir, extensions=args.ext, sample_rate=args.sample_rate, jobs=args.jobs, decode=not args.header_only
+    )
     if errors and args.strict:
-        raise AudioReadError(args.audio_dir, f"{len(errors)} unreadable file(s), first: {errors[0]}")
+        raise AudioReadError(args.audio_dir, f"{len(errors)} unreadable or truncated file(s), first: {errors[0]}")
     for error in errors:
         warnings.warn(f"left out of the manifest: {error}", stacklevel=1)
+    if errors:
+        print(
+            f"left out {len(errors)} unreadable or truncated file(s), listed in the warnings: copy or decode them "
+            "again (or delete them) and re-run to include them; --strict stops at the first one instead"
+        )
     if not entries:
         raise FileNotFoundError(f"no readable audio files ({', '.join(args.ext)}) under {args.audio_dir}")
     train, valid = split_entries(entries, args.valid_percent, seed=args.seed, group_depth=args.group_depth)

@@ -13,6 +13,12 @@ Load it back with :func:`load_exported` (or by hand:
 ``model.extract_features(waveforms, lengths)`` gives the outputs of every Transformer layer, ``model(waveforms)``
 the final (layer-normalised) features. Before writing, the export checks on a check signal that the rebuilt model
 gives exactly the features of the original.
+
+``--torchscript encoder.ts`` also writes a TorchScript archive (``torch.jit.load``, usable from C++). Script a
+model yourself with :func:`script_encoder`, not ``torch.jit.script(model.wav2vec2)``: torchaudio's scripting folds
+the positional convolution's weight norm into a plain weight *in place*, after which the live model's
+``state_dict`` no longer loads into ``build_wav2vec2`` (a ``copy.deepcopy`` shares the class that loses its
+``weight``); :func:`script_encoder` scripts a model rebuilt from the exported weights.
 """
 
 from __future__ import annotations
@@ -90,6 +96,20 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     return build_exported(exported).to(map_location)
 
 
+def script_encoder(model: Wav2Vec2Pretrainer) -> torch.jit.ScriptModule:
+    """TorchScript of a pretrainer's encoder (``model.wav2vec2``) in eval mode, compiled from a rebuilt copy.
+
+    torchaudio prepares its positional convolution for scripting by removing the weight norm from the module
+    itself, which renames the live model's weights (``...conv.parametrizations.weight.*`` -> ``...conv.weight``)
+    so that its ``state_dict`` no longer loads into ``build_wav2vec2``. A ``copy.deepcopy`` does not protect the
+    original either: the copy shares the parametrized class, whose ``weight`` property the removal deletes. So the
+    encoder is rebuilt from its hyperparameters and weights (:func:`export_state`) and that model is scripted.
+    """
+    if not isinstance(model, Wav2Vec2Pretrainer):
+        raise TypeError(f"script_encoder expects a Wav2Vec2Pretrainer (load_pretrained), got {type(model).__name__}")
+    return torch.jit.script(build_exported(export_state(model)))
+
+
 def check_signal(num_samples: int = 16000, seed: int = 0) -> Tensor:
     """A deterministic 1 s test waveform (two chirps plus a little noise) of shape (1, num_samples)."""
     t = torch.arange(num_samples, dtype=torch.float64) / 16000
@@ -108,15 +128,31 @@ def max_feature_difference(
     return max(float((a - b).abs().max()) for a, b in zip(expected, actual, strict=True))
 
 
-def export(checkpoint: str | Path, out: str | Path, *, tolerance: float = 0.0) -> Path:
-    """Export a run's encoder to ``out``; raises if the rebuilt model's features differ by more than
-    ``tolerance`` from the original's on :func:`check_signal`."""
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    tolerance: float = 0.0,
+    torchscript: str | Path | None = None,
+    torchscript_tolerance: float = 1e-5,
+) -> Path:
+    """Export a run's encoder to ``out`` (and, with ``torchscript``, a TorchScript archive there); raises if a
+    written model's features differ from the original's on :func:`check_signal` by more than its tolerance (the
+    scripted model computes the weight-normed positional convolution once, so it may differ by rounding)."""
     model, _ = load_pretrained(checkpoint)
     exported = export_state(model)
     rebuilt = build_exported(exported)
     difference = max_feature_difference(model.wav2vec2.eval(), rebuilt, check_signal())
     if difference > tolerance:
         raise RuntimeError(f"the exported model's features differ from the original's by {difference:.3g}")
+    if torchscript is not None:
+        scripted = script_encoder(model)
+        difference = max_feature_difference(model.wav2vec2, scripted, check_signal())
+        if difference > torchscript_tolerance:
+            raise RuntimeError(f"the TorchScript model's features differ from the original's by {difference:.3g}")
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        atomic_write_bytes(torchscript, buffer.getvalue())
     buffer = io.BytesIO()
     torch.save(exported, buffer)
     atomic_write_bytes(out, buffer.getvalue())
@@ -127,13 +163,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run folder (its newest checkpoint) or a checkpoints/step_* folder")
     parser.add_argument("out", type=Path, help="output file (.pt)")
+    parser.add_argument("--torchscript", type=Path, help="also write a TorchScript archive of the encoder here")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out)
+        out = export(args.checkpoint, args.out, torchscript=args.torchscript)
     except FileNotFoundError as error:
         parser.exit(1, f"error: {error}\n")
     size = out.stat().st_size / 2**20
     print(f"exported torchaudio Wav2Vec2Model ({size:.1f} MiB) -> {out}; load it with {LOADER}")
+    if args.torchscript is not None:
+        print(f"TorchScript encoder -> {args.torchscript}; load it with torch.jit.load")
     return out
 
 

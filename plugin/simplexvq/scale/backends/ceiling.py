@@ -1,6 +1,6 @@
 """Streamed top-K of cross-entropy deviations with a ceiling carried over from the previous step.
 
-The running top-K of :class:`simplexvq.knn.RunningTopK` starts with no threshold: the first rows are merged densely
+The :class:`~simplexvq.scale.topk.RunningTopK` starts with no threshold: the first rows are merged densely
 and each column's threshold only tightens as rows stream by, so about ``K (1 + ln(N / chunk))`` entries per column
 are extracted and merged, one merge per chunk. Between training steps the K-th smallest deviation of a column
 changes little, so :class:`CeilingTopK` starts from a *ceiling* per column, the ``3K+3``-th smallest deviation of
@@ -21,8 +21,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from simplexvq.blockmax import BlockMaxima
-from simplexvq.knn import RunningTopK, score_candidates
+from simplexvq.scale.backends.blockmax import BlockMaxima
+from simplexvq.scale.backends.candidates import merge_scores, score_candidates
+from simplexvq.scale.topk import RunningTopK
 
 __all__ = ["CeilingTopK", "kept_per_column"]
 
@@ -54,7 +55,7 @@ class CeilingTopK:
     def add(self, scores: Tensor, offsets: Tensor, blocks: BlockMaxima, row_offset: int) -> None:
         """Stream in a chunk: ``scores`` (G, c, M), ``offsets`` (G, c), ``blocks`` the block maxima of ``scores``."""
         if self.limit is None:
-            self.state.update_from_scores(scores, offsets, blocks, row_offset)
+            merge_scores(self.state, scores, offsets, blocks, row_offset)
             return
         entries = score_candidates(scores.contiguous(), offsets.contiguous(), blocks, self.limit, row_offset)
         self.state.rows_seen += scores.shape[1]

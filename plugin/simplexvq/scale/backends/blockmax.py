@@ -3,7 +3,7 @@
 ``torch.max(x, dim=-1)`` (values and indices) and ``torch.argmax`` are not vectorised on the CPU: on a (255, 8196)
 float32 chunk they take 2-3 ms, against 0.1-0.2 ms for ``amax`` over blocks of 64 columns. :class:`BlockMaxima`
 keeps those block maxima; the row maximum, the first index where it occurs (the same index as ``torch.argmax``)
-and the bound of :func:`simplexvq.knn.RunningTopK.update_from_scores` (no entry of a block exceeds its maximum) are
+and the bound of :func:`simplexvq.scale.backends.candidates.merge_scores` (no entry of a block exceeds its maximum) are
 derived from them with a few small operations.
 """
 

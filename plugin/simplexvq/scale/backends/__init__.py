@@ -1,0 +1,53 @@
+"""Backends of the streamed softmax layer, chosen once per quantizer by ``QuantizerConfig.backend``.
+
+* ``reference``: portable PyTorch, written to be read; the yardstick every other backend is tested against.
+* ``cpu``: the CPU speed tricks (block maxima, a ceiling carried between steps); fastest on the CPU.
+* ``triton``: fused, sync-free kernels for GPUs (falls back to ``reference`` with one warning when they cannot run).
+* ``auto``: ``cpu`` on CPU tensors; ``triton`` on other devices when the ``triton`` package imports, else
+  ``reference`` (which, unlike ``cpu``, reads no candidate counts back from the device).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from simplexvq.scale.backends.base import StreamedBackend
+from simplexvq.scale.backends.cpu import CpuBackend, cpu_streamed_softmax_quantize
+from simplexvq.scale.backends.reference import ReferenceBackend, reference_streamed_softmax_quantize
+from simplexvq.scale.backends.triton_backend import TritonBackend, load_triton_kernels
+
+BACKEND_CHOICES: tuple[str, ...] = ("auto", "reference", "cpu", "triton")
+
+__all__ = [
+    "BACKEND_CHOICES",
+    "CpuBackend",
+    "ReferenceBackend",
+    "StreamedBackend",
+    "TritonBackend",
+    "cpu_streamed_softmax_quantize",
+    "load_triton_kernels",
+    "make_backend",
+    "reference_streamed_softmax_quantize",
+    "resolve_backend",
+]
+
+
+def resolve_backend(choice: str, device: torch.device) -> str:
+    """The backend ``choice`` names for tensors on ``device``: itself, or what ``"auto"`` picks there."""
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if device.type == "cpu":
+        return "cpu"
+    return "triton" if importlib.util.find_spec("triton") is not None else "reference"
+
+
+def make_backend(name: str) -> StreamedBackend:
+    """A fresh backend object (``"reference"``, ``"cpu"`` or ``"triton"``)."""
+    backends = {"reference": ReferenceBackend, "cpu": CpuBackend, "triton": TritonBackend}
+    if name not in backends:
+        raise ValueError(f"make_backend: name must be 'reference', 'cpu' or 'triton', got {name!r}")
+    return backends[name]()

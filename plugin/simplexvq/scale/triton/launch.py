@@ -1,0 +1,318 @@
+"""The four kernels of :mod:`simplexvq.scale.triton.kernels` as PyTorch operators, one launch each.
+
+Each operator is registered with :func:`torch.library.triton_op`, so ``torch.compile`` traces into it and a
+dispatch mode sees one ``simplexvq::*`` op per launch. Under ``TRITON_INTERPRET=1`` the kernels are interpreted
+functions, which :func:`torch.library.wrap_triton` does not accept: they are called directly (same result).
+
+Layout: queries (N, G, D), keys (G, M, D), bias (G, M) or ``None``, values (G, M, DV), ``valid`` (N,) int8; the
+per-row quantities (``lse``, statistics, backward coefficients) are (G, N) in the accumulation dtype (float64 for
+float64 inputs, float32 otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+from triton.runtime.jit import JITFunction
+
+from simplexvq.scale.triton import kernels
+from simplexvq.scale.triton.interpreter_compat import patch_interpreter
+
+__all__ = [
+    "Blocks",
+    "accumulation_dtype",
+    "block_sizes",
+    "softmax_columns",
+    "softmax_columns_backward",
+    "softmax_rows",
+    "softmax_rows_backward",
+]
+
+KNN_MODES = {None: 0, "ce": 1, "l2": 2}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes: rows and keys per tile, padded widths of keys and values (powers of two, >= 16), and the
+    launch options (warps per program, software-pipelining stages of the tile loops)."""
+
+    rows: int
+    columns: int
+    dim: int
+    value_dim: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _padded(width: int) -> int:
+    return max(16, triton.next_power_of_2(max(width, 1)))
+
+
+def block_sizes(device: torch.device, dim: int, value_dim: int, dtype: torch.dtype = torch.float32) -> Blocks:
+    """Tiles for a device and input dtype: small ones for the interpreter (CPU tensors); on a GPU the largest
+    that compile for sm_90 without register spills (``benchmarks/gpu/compile_check.py`` reports them): float32
+    products are exact FMA products, which need smaller tiles than bfloat16 / float16 tensor-core products, and
+    float64's elementwise products hold a (rows, D, keys) block."""
+    padded, padded_values = _padded(dim), _padded(value_dim)
+    if device.type != "cuda":
+        return Blocks(16, 16, padded, padded_values)
+    widest = max(padded, padded_values)
+    if dtype == torch.float64:
+        return Blocks(16, 16, padded, padded_values, num_warps=8, num_stages=1)
+    if dtype == torch.float32:
+        if widest <= 64:
+            return Blocks(32, 32, padded, padded_values, num_warps=4, num_stages=3)
+        return Blocks(16, 16, padded, padded_values, num_warps=4, num_stages=2)
+    if widest <= 64:
+        return Blocks(64, 64, padded, padded_values, num_warps=8, num_stages=3)
+    if widest <= 128:
+        return Blocks(32, 32, padded, padded_values, num_warps=8, num_stages=2)
+    return Blocks(32, 16, padded, padded_values, num_warps=4, num_stages=2)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launcher(kernel):
+    if isinstance(kernel, JITFunction):
+        return wrap_triton(kernel)
+    patch_interpreter()
+    return kernel
+
+
+@triton_op("simplexvq::triton_softmax_rows", mutates_args={})
+def softmax_rows(
+    queries: Tensor, keys: Tensor, bias: Tensor | None, values: Tensor, valid: Tensor, compute_output: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row pass: ``(output (N or 0, G, DV), lse, indices (N, G) long, exp(entropy), max p, |p|^2)``."""
+    num_rows, groups, dim = queries.shape
+    size, value_dim = keys.shape[1], values.shape[2]
+    accumulate = accumulation_dtype(queries.dtype)
+    output = values.new_empty(num_rows if compute_output else 0, groups, value_dim)
+    per_row = [queries.new_empty(groups, num_rows, dtype=accumulate) for _ in range(4)]
+    indices = queries.new_empty(num_rows, groups, dtype=torch.long)
+    if num_rows > 0:
+        blocks = block_sizes(queries.device, dim, value_dim, queries.dtype)
+        grid = (triton.cdiv(num_rows, blocks.rows), groups)
+        _launcher(kernels.softmax_rows_kernel)[grid](
+            queries,
+            keys,
+            queries if bias is None else bias,
+            values,
+            valid,
+            output,
+            per_row[0],
+            indices,
+            per_row[1],
+            per_row[2],
+            per_row[3],
+            num_rows,
+            groups,
+            size,
+            dim,
+            value_dim,
+            HAS_BIAS=bias is not None,
+            ELEMENTWISE=queries.dtype == torch.float64,
+            HAS_OUT=compute_output,
+            BLOCK_N=blocks.rows,
+            BLOCK_M=blocks.columns,
+            BLOCK_D=blocks.dim,
+            BLOCK_DV=blocks.value_dim,
+            num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
+        )
+    lse, perplexity, max_prob, squared_norm = per_row
+    return output, lse, indices, perplexity, max_prob, squared_norm
+
+
+def row_splits(device: torch.device, num_rows: int, programs: int, block_rows: int) -> tuple[int, int]:
+    """(splits, rows per split) for a column pass of ``programs`` (key blocks x groups) programs.
+
+    A small codebook has few key blocks, so the rows are split until about two programs per multiprocessor run
+    (on the CPU: two splits, so that the tests exercise the reduction). Depends on shapes only.
+    """
+    tiles = max(1, triton.cdiv(num_rows, block_rows))
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2 * programs
+    splits = max(1, min(tiles, triton.cdiv(target, programs)))
+    rows_per_split = triton.cdiv(tiles, splits) * block_rows
+    return max(1, triton.cdiv(num_rows, rows_per_split)), rows_per_split
+
+
+@triton_op("simplexvq::triton_softmax_columns", mutates_args={})
+def softmax_columns(
+    queries: Tensor,
+    keys: Tensor,
+    bias: Tensor | None,
+    valid: Tensor,
+    lse: Tensor,
+    squared_norm: Tensor,
+    k: int,
+    knn_distance: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Column pass: ``(prob_sum (G, M), top values (k, G M), top rows (k, G M) long)``; ``k = 0``: sums only.
+
+    Column ``g M + m`` of the top-K holds key m of group g: its k smallest deviations (``+inf`` / row ``-1`` where
+    fewer than k valid rows exist), unsorted. The splits' partial sums and top-Ks are reduced here (a sum and one
+    top-K over ``splits * k`` candidates per column).
+    """
+    num_rows, groups, dim = queries.shape
+    size = keys.shape[1]
+    blocks = block_sizes(queries.device, dim, 1, queries.dtype)
+    programs = triton.cdiv(size, blocks.columns)
+    splits, rows_per_split = row_splits(queries.device, num_rows, programs * groups, blocks.rows)
+    prob_sums = lse.new_empty(splits, groups, size)
+    top_values = lse.new_empty(splits, k, groups * size)
+    top_rows = queries.new_empty(splits, k, groups * size, dtype=torch.long)
+    _launcher(kernels.softmax_columns_kernel)[(programs, groups, splits)](
+        queries,
+        keys,
+        lse if bias is None else bias,
+        valid,
+        lse,
+        squared_norm,
+        prob_sums,
+        top_values if k > 0 else prob_sums,
+        top_rows if k > 0 else indices_placeholder(queries),
+        num_rows,
+        groups,
+        size,
+        dim,
+        k,
+        rows_per_split,
+        HAS_BIAS=bias is not None,
+        ELEMENTWISE=queries.dtype == torch.float64,
+        KNN=KNN_MODES[knn_distance if k > 0 else None],
+        BLOCK_N=blocks.rows,
+        BLOCK_M=blocks.columns,
+        BLOCK_D=blocks.dim,
+        BLOCK_K=max(2, triton.next_power_of_2(max(k, 1))),
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+    )
+    candidates = top_values.reshape(splits * k, groups * size)
+    best = candidates.topk(k, dim=0, largest=False, sorted=False)
+    rows = top_rows.reshape(splits * k, groups * size).gather(0, best.indices)
+    return prob_sums.sum(dim=0), best.values, rows
+
+
+def indices_placeholder(like: Tensor) -> Tensor:
+    """A one-element long tensor for an unused pointer argument (never read or written)."""
+    return like.new_empty(1, dtype=torch.long)
+
+
+@triton_op("simplexvq::triton_softmax_rows_backward", mutates_args={})
+def softmax_rows_backward(
+    queries: Tensor,
+    keys: Tensor,
+    bias: Tensor | None,
+    values: Tensor,
+    grad_output: Tensor | None,
+    valid: Tensor,
+    lse: Tensor,
+    row: Tensor,
+    quad: Tensor | None,
+) -> Tensor:
+    """Gradient of the queries (N, G, D) for the logits' gradient ``p * (dO . v - row + quad * p)``."""
+    num_rows, groups, dim = queries.shape
+    size, value_dim = keys.shape[1], values.shape[2]
+    grad_queries = torch.empty_like(queries)
+    if num_rows > 0:
+        blocks = block_sizes(queries.device, dim, value_dim, queries.dtype)
+        grid = (triton.cdiv(num_rows, blocks.rows), groups)
+        _launcher(kernels.softmax_rows_backward_kernel)[grid](
+            queries,
+            keys,
+            queries if bias is None else bias,
+            values,
+            values if grad_output is None else grad_output,
+            valid,
+            lse,
+            row,
+            row if quad is None else quad,
+            grad_queries,
+            num_rows,
+            groups,
+            size,
+            dim,
+            value_dim,
+            HAS_BIAS=bias is not None,
+            ELEMENTWISE=queries.dtype == torch.float64,
+            HAS_GRAD_OUT=grad_output is not None,
+            HAS_QUAD=quad is not None,
+            BLOCK_N=blocks.rows,
+            BLOCK_M=blocks.columns,
+            BLOCK_D=blocks.dim,
+            BLOCK_DV=blocks.value_dim,
+            num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
+        )
+    return grad_queries
+
+
+@triton_op("simplexvq::triton_softmax_columns_backward", mutates_args={})
+def softmax_columns_backward(
+    queries: Tensor,
+    keys: Tensor,
+    bias: Tensor | None,
+    values: Tensor,
+    grad_output: Tensor | None,
+    valid: Tensor,
+    lse: Tensor,
+    row: Tensor,
+    quad: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the keys (G, M, D), the bias (G, M; zeros without a bias) and the values (G, M, DV; zeros
+    without ``grad_output``): the splits' partial gradients (accumulation dtype) summed here."""
+    num_rows, groups, dim = queries.shape
+    size, value_dim = keys.shape[1], values.shape[2]
+    blocks = block_sizes(queries.device, dim, value_dim, queries.dtype)
+    programs = triton.cdiv(size, blocks.columns)
+    splits, rows_per_split = row_splits(queries.device, num_rows, programs * groups, blocks.rows)
+    grad_keys = lse.new_empty(splits, groups, size, dim)
+    grad_bias = lse.new_zeros(splits, groups, size) if bias is None else lse.new_empty(splits, groups, size)
+    grad_values = lse.new_zeros(splits, groups, size, value_dim) if grad_output is None else None
+    if grad_values is None:
+        grad_values = lse.new_empty(splits, groups, size, value_dim)
+    _launcher(kernels.softmax_columns_backward_kernel)[(programs, groups, splits)](
+        queries,
+        keys,
+        grad_bias if bias is None else bias,
+        values,
+        values if grad_output is None else grad_output,
+        valid,
+        lse,
+        row,
+        row if quad is None else quad,
+        grad_keys,
+        grad_bias,
+        grad_values,
+        num_rows,
+        groups,
+        size,
+        dim,
+        value_dim,
+        rows_per_split,
+        HAS_BIAS=bias is not None,
+        ELEMENTWISE=queries.dtype == torch.float64,
+        HAS_GRAD_OUT=grad_output is not None,
+        HAS_QUAD=quad is not None,
+        BLOCK_N=blocks.rows,
+        BLOCK_M=blocks.columns,
+        BLOCK_D=blocks.dim,
+        BLOCK_DV=blocks.value_dim,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+    )
+    return (
+        grad_keys.sum(dim=0).to(keys.dtype),
+        grad_bias.sum(dim=0).to(keys.dtype if bias is None else bias.dtype),
+        grad_values.sum(dim=0).to(values.dtype),
+    )

@@ -1,0 +1,311 @@
+"""Hugging Face export: transformers' Wav2Vec2Model loads the folder offline with the project's own hidden states.
+
+Both sources are tested: the Accelerate recipe's torchaudio-based pretrainer (through the command line on a run
+folder) and the fairseq2 ``wav2vec2_simplexvq`` family (in memory, and through the command line on a checkpoint
+that fairseq2's own checkpoint manager wrote). Tiny models with random weights are enough: the mapping is what is
+tested, on a padded batch that is not the export's own check signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from simplexvq_recipes.speech.downstream import hf_export
+from simplexvq_recipes.speech.pretraining.config import PretrainConfig, preset_path
+from simplexvq_recipes.speech.pretraining.model import CHECKPOINTS, CONFIG_FILE, WEIGHTS_FILE, build_model
+from simplexvq_recipes.training.config import config_to_yaml, load_config
+
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batch(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random waveforms, the second padded after 9000 of 12000 samples."""
+    waveforms = torch.randn(2, 12000, generator=torch.Generator().manual_seed(seed))
+    lengths = torch.tensor([12000, 9000])
+    waveforms[1, 9000:] = 0.0
+    return waveforms, lengths
+
+
+def _load(folder) -> transformers.Wav2Vec2Model:
+    return transformers.Wav2Vec2Model.from_pretrained(folder, local_files_only=True).eval()
+
+
+def _assert_equal_hidden_states(expected, hf_model, waveforms, lengths) -> None:
+    actual = hf_export.hf_hidden_states(hf_model, waveforms, lengths)
+    frames = hf_model._get_feat_extract_output_lengths(lengths)
+    assert len(actual) == len(expected) > 0
+    assert frames[1] < actual[0].shape[1]  # the padded row really is shorter
+    assert hf_export.max_hidden_state_difference(expected, actual, frames) <= TOLERANCE
+
+
+def _write_run(run_dir, config: PretrainConfig, model: torch.nn.Module, step: int = 1) -> None:
+    """A run folder laid out as the speech recipe writes it (config.yaml, checkpoints/step_*/...)."""
+    checkpoint = run_dir / CHECKPOINTS / f"step_{step:08d}"
+    checkpoint.mkdir(parents=True)
+    (run_dir / CONFIG_FILE).write_text(config_to_yaml(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint / WEIGHTS_FILE))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": step}))
+    sizes = {name: (checkpoint / name).stat().st_size for name in (WEIGHTS_FILE, "trainer_state.json")}
+    (checkpoint / "manifest.json").write_text(json.dumps(sizes))
+
+
+def _recipe_model(**model_overrides) -> tuple[PretrainConfig, torch.nn.Module]:
+    config = load_config(PretrainConfig, preset_path("tiny"))
+    config.model = dataclasses.replace(config.model, **model_overrides)
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():  # non-trivial affine parameters, so a missed mapping cannot hide behind ones and zeros
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return config, model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Accelerate recipe (torchaudio)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_recipe_run_exports_from_the_command_line(tmp_path, capsys):
+    config, model = _recipe_model()
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    _write_run(run_dir, config, model)
+
+    result = hf_export.main([str(run_dir), str(out)])
+    assert "transformers.Wav2Vec2Model.from_pretrained" in capsys.readouterr().out
+    assert result.quantizer and result.max_difference <= TOLERANCE
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+
+    hf_model = _load(out)
+    waveforms, lengths = _batch()
+    _assert_equal_hidden_states(hf_export.recipe_hidden_states(model, waveforms, lengths), hf_model, waveforms, lengths)
+    assert torch.equal(hf_model.masked_spec_embed.detach(), model.mask_embedding.detach())
+    preprocessor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(out, local_files_only=True)
+    assert preprocessor.sampling_rate == 16000 and not preprocessor.do_normalize
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"layer_norm_first": True, "extractor_mode": "layer_norm", "conv_bias": True},  # wav2vec 2.0 LARGE's layout
+    ],
+)
+def test_recipe_variants_export_with_equal_hidden_states(tmp_path, overrides):
+    _, model = _recipe_model(**overrides)
+    result = hf_export.export_recipe_model(model, tmp_path / "hf")
+    hf_model = _load(tmp_path / "hf")
+    assert hf_model.config.do_stable_layer_norm and hf_model.config.feat_extract_norm == "layer"
+    waveforms, lengths = _batch(seed=3)
+    _assert_equal_hidden_states(hf_export.recipe_hidden_states(model, waveforms, lengths), hf_model, waveforms, lengths)
+    assert result.max_difference <= TOLERANCE
+
+
+def test_the_quantizer_beside_the_export_gives_the_models_codes(tmp_path):
+    _, model = _recipe_model()
+    hf_export.export_recipe_model(model, tmp_path / "hf")
+    projection, quantizer = hf_export.load_quantizer(tmp_path / "hf")
+    assert quantizer.config == model.quantizer.config
+    hf_model = _load(tmp_path / "hf")
+    waveforms, lengths = _batch(seed=5)
+    with torch.no_grad():
+        features = hf_model(waveforms).extract_features  # layer-normalised CNN features (the quantizer's input)
+        codes = quantizer(projection(features)).indices
+        expected = model.encode(waveforms).codes
+        assert torch.equal(codes, expected)
+        assert torch.equal(quantizer.decode(codes), model.quantizer.decode(expected))
+
+
+class _ThirdPartyQuantizer(torch.nn.Module):
+    """A registered-style quantizer that is not a simplexvq.ProductQuantizer (it wraps one)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, z, padding_mask=None):
+        return self.inner(z, padding_mask)
+
+
+def test_a_third_party_quantizer_is_exported_features_only(tmp_path):
+    _, model = _recipe_model()
+    model.quantizer = _ThirdPartyQuantizer(model.quantizer)
+    result = hf_export.export_recipe_model(model, tmp_path / "hf")
+    assert not result.quantizer
+    with pytest.raises(FileNotFoundError, match="holds the encoder only"):
+        hf_export.load_quantizer(tmp_path / "hf")
+
+
+def test_a_failed_check_writes_nothing(tmp_path, monkeypatch):
+    _, model = _recipe_model()
+    broken = hf_export.torchaudio_state_dict
+
+    def swap_layers(wav2vec2, keys, mask_embedding=None):
+        state = broken(wav2vec2, keys, mask_embedding)
+        for suffix in ("weight", "bias"):
+            first = f"encoder.layers.0.feed_forward.output_dense.{suffix}"
+            second = f"encoder.layers.1.feed_forward.output_dense.{suffix}"
+            state[first], state[second] = state[second], state[first]
+        return state
+
+    monkeypatch.setattr(hf_export, "torchaudio_state_dict", swap_layers)
+    with pytest.raises(RuntimeError, match="hidden states differ from the original's"):
+        hf_export.export_recipe_model(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_missing_run_is_a_clear_command_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        hf_export.main([str(tmp_path / "nowhere"), str(tmp_path / "hf")])
+    assert exit_info.value.code == 1
+    assert "error:" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fairseq2 family
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fairseq2_hub():
+    fairseq2 = pytest.importorskip("fairseq2")
+    from fairseq2.error import InvalidOperationError
+    from fairseq2.runtime.dependency import get_dependency_resolver
+
+    from simplexvq.fairseq2_extension import get_simplexvq_wav2vec2_model_hub
+
+    try:
+        resolver = fairseq2.init_fairseq2(no_progress=True)
+    except InvalidOperationError:  # another test module of this process initialised fairseq2 first
+        resolver = get_dependency_resolver()
+    return resolver, get_simplexvq_wav2vec2_model_hub()
+
+
+def _fairseq2_model(hub):
+    from fairseq2.device import CPU
+
+    config = hub.get_arch_config("tiny")
+    torch.manual_seed(0)
+    model = hub.create_new_model(config, device=CPU)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return config, model.eval()
+
+
+def test_fairseq2_family_exports_with_equal_hidden_states_and_codes(tmp_path, fairseq2_hub):
+    _, hub = fairseq2_hub
+    config, model = _fairseq2_model(hub)
+    result = hf_export.export_fairseq2_model(model, config, tmp_path / "hf")
+    assert result.quantizer and result.max_difference <= TOLERANCE
+    hf_model = _load(tmp_path / "hf")
+    assert hf_model.config.num_codevector_groups == config.num_codebooks
+    waveforms, lengths = _batch(seed=11)
+    expected = hf_export.fairseq2_hidden_states(model, waveforms, lengths)
+    _assert_equal_hidden_states(expected, hf_model, waveforms, lengths)
+
+    projection, quantizer = hf_export.load_quantizer(tmp_path / "hf")
+    with torch.no_grad():
+        features = hf_model(waveforms[:1]).extract_features
+        normed, _, _ = model.encoder_frontend.extract_features(waveforms[:1], _layout(waveforms[:1]))
+        expected_codes = model.quantizer(normed).indices  # the family's quantizer on every frame, eval mode
+        assert torch.equal(quantizer(projection(features)).indices, expected_codes)
+
+
+def _layout(waveforms):
+    from fairseq2.nn import BatchLayout
+
+    return BatchLayout.of(waveforms)
+
+
+def test_fairseq2_pre_norm_encoders_are_refused_with_a_reason(fairseq2_hub):
+    from fairseq2.models.transformer import TransformerNormOrder
+
+    _, hub = fairseq2_hub
+    config = hub.get_arch_config("tiny")
+    config.encoder_config.norm_order = TransformerNormOrder.PRE
+    with pytest.raises(ValueError, match=r"\['norm_order'\].*post-norm"):
+        hf_export.fairseq2_shape(config)
+
+
+def test_fairseq2_checkpoint_exports_from_the_command_line(tmp_path, fairseq2_hub):
+    """A checkpoint as fairseq2's trainer writes it, exported by the command line in a fresh process."""
+    from fairseq2.checkpoint import ModelMetadataDumper, StandardCheckpointManager
+    from fairseq2.device import CPU
+    from fairseq2.file_system import FileSystem
+    from fairseq2.gang import create_fake_gangs
+    from fairseq2.io import TensorFileDumper, TensorFileLoader
+    from fairseq2.utils.threading import ThreadPool
+
+    from simplexvq.fairseq2_extension import SIMPLEXVQ_WAV2VEC2_FAMILY
+
+    resolver, hub = fairseq2_hub
+    config, model = _fairseq2_model(hub)
+    run_dir = tmp_path / "fairseq2_run"
+    manager = StandardCheckpointManager(
+        run_dir,
+        create_fake_gangs(CPU),
+        resolver.resolve(FileSystem),
+        resolver.resolve(TensorFileLoader),
+        resolver.resolve(TensorFileDumper),
+        resolver.resolve(ThreadPool),
+    )
+    manager.save_model_only(2, model, blocking=True)
+    resolver.resolve(ModelMetadataDumper).dump(run_dir / "checkpoints", SIMPLEXVQ_WAV2VEC2_FAMILY, config)
+
+    out = tmp_path / "hf"
+    command = [sys.executable, "-m", "simplexvq_recipes.speech.downstream.hf_export", str(run_dir), str(out)]
+    env = {**os.environ, "FAIRSEQ2_EXTENSION_TRACE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exported fairseq2 model" in result.stdout
+
+    waveforms, lengths = _batch(seed=13)
+    expected = hf_export.fairseq2_hidden_states(model, waveforms, lengths)
+    _assert_equal_hidden_states(expected, _load(out), waveforms, lengths)
+    assert hf_export.load_quantizer(out)[1].config == model.quantizer.core.config
+
+
+def test_importing_the_export_imports_neither_transformers_nor_fairseq2():
+    probe = (
+        "import sys, simplexvq_recipes.speech.downstream.hf_export\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'fairseq2'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_fairseq2_own_wav2vec2_exports_features_only(tmp_path, fairseq2_hub):
+    """fairseq2's own ``wav2vec2`` family (Gumbel quantizer): the encoder maps the same way; no quantizer files."""
+    from fairseq2.device import CPU
+    from fairseq2.models.wav2vec2 import Wav2Vec2Config, get_wav2vec2_model_hub
+
+    from simplexvq.fairseq2_extension.config import tiny_encoder_config
+
+    config = Wav2Vec2Config(encoder_config=tiny_encoder_config(), final_dim=16, quantized_dim=16, num_codebooks=2)
+    torch.manual_seed(0)
+    model = get_wav2vec2_model_hub().create_new_model(config, device=CPU).eval()
+    result = hf_export.export_fairseq2_model(model, config, tmp_path / "hf")
+    assert not result.quantizer and not (tmp_path / "hf" / hf_export.QUANTIZER_CONFIG).exists()
+    waveforms, lengths = _batch(seed=17)
+    expected = hf_export.fairseq2_hidden_states(model, waveforms, lengths)
+    _assert_equal_hidden_states(expected, _load(tmp_path / "hf"), waveforms, lengths)
