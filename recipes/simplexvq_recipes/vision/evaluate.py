@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         atomic_write_json(output_dir / f"{name}.json", metrics)
         atomic_write_text(output_dir / f"{name}.md", metrics["markdown"])
         histogram = output_dir / f"{name}_code_histogram.png"
-        plot_code_histogram(result.counts, histogram, title=config.model.quantizer.method)
+        plot_code_histogram(result.counts, histogram, title=f"{name}", method=config.model.quantizer.method)
         print(metrics["markdown"], end="")
     return metrics
 

@@ -64,15 +64,18 @@ def save_png(tensor: torch.Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
-def save_reconstructions(model: DiscreteAutoencoder, dataset, normalizer: Normalizer, count: int, path: Path) -> None:
-    """PNG of the first ``count`` validation images next to their (hard-quantized) reconstructions."""
+def save_reconstructions(
+    model: DiscreteAutoencoder, dataset, normalizer: Normalizer, count: int, path: Path, title: str | None = None
+) -> None:
+    """PNG of the first ``count`` validation images next to their (hard-quantized) reconstructions, with column
+    labels and ``title`` (the method and step) above."""
     device = next(model.parameters()).device
     pixels = torch.stack([dataset[i] for i in range(min(count, len(dataset)))]).to(device)
     was_training = model.training
     model.eval()
     reconstructed = normalizer.denormalize(model(normalizer.normalize(pixels)).reconstruction.float())
     model.train(was_training)
-    save_png(reconstruction_grid(pixels, reconstructed), path)
+    save_png(reconstruction_grid(pixels, reconstructed, title=title), path)
 
 
 class VisionTrainData(TrainData):
@@ -139,11 +142,11 @@ class ImageAutoencoding(TrainingTask):
         usage = torch.tensor(metrics["usage_per_group"])
         context.history.log(accelerator, step, {"usage": usage, **logged}, prefix="val/")
         if accelerator.is_main_process:
-            save_reconstructions(
-                model, self.val_set, self.normalizer, self.config.training.grid_images, run_dir / "reconstructions.png"
-            )
-            plot_code_histogram(result.counts, run_dir / "code_histogram.png", title=f"{method}, step {step}")
-            plot_code_usage(context.history, run_dir / "code_usage.png", prefix="val/usage")
+            grid = self.config.training.grid_images
+            title = f"{method}, step {step}"
+            save_reconstructions(model, self.val_set, self.normalizer, grid, run_dir / "reconstructions.png", title)
+            plot_code_histogram(result.counts, run_dir / "code_histogram.png", title=f"step {step}", method=method)
+            plot_code_usage(context.history, run_dir / "code_usage.png", prefix="val/usage", method=method)
         context.log.say(
             f"step {step}: code usage {metrics['usage']:.1%}, per-image usage {metrics['per_image_usage']:.1%}, "
             f"rMSE {metrics['rmse']:.4f}, PSNR {metrics['psnr']:.2f} dB on {metrics['num_images']} validation "

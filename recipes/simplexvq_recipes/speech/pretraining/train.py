@@ -178,9 +178,10 @@ class SpeechPretraining(TrainingTask):
         context.history.log(accelerator, step, loggable, prefix="val/")
         method = self.config.model.quantizer.method
         if accelerator.is_main_process:
-            plot_code_usage(context.history, context.run_dir / "code_usage.png", prefix="val/usage")
+            plot_code_usage(context.history, context.run_dir / "code_usage.png", prefix="val/usage", method=method)
             if any(key.startswith("train/usage") for key in context.history.keys()):
-                plot_code_usage(context.history, context.run_dir / "code_usage_train.png", prefix="train/usage")
+                train_png = context.run_dir / "code_usage_train.png"
+                plot_code_usage(context.history, train_png, prefix="train/usage", method=method)
         usage = ", ".join(f"{value:.1%}" for value in metrics["usage"].tolist())
         context.log.say(
             f"step {step}: validation code usage {usage}, contrastive {metrics['contrastive'].item():.3f}, "
@@ -211,7 +212,8 @@ class SpeechPretraining(TrainingTask):
             plot_code_histogram(
                 metrics["counts"],
                 context.run_dir / "code_histogram.png",
-                title=f"validation codes, {self.config.model.quantizer.method}",
+                title="validation codes",
+                method=self.config.model.quantizer.method,
             )
 
     def summary(self, model: torch.nn.Module) -> list[str]:
