@@ -103,13 +103,7 @@ def test_documents_have_snippets_and_few_skips():
 
 # Snippets known to fail: the error they must still raise, and why. Once a snippet is fixed the test fails until
 # its entry is removed, so this list only shrinks.
-KNOWN_FAILURES: dict[str, tuple[str, str]] = {
-    "docs/speech.md": (
-        "layer 6 does not exist",
-        "its model block builds the 2-layer 'tiny' preset, then encodes layers 6 and 12 (build 'base', or encode "
-        "layers 0, 1, 2)",
-    ),
-}
+KNOWN_FAILURES: dict[str, tuple[str, str]] = {}
 
 
 @pytest.mark.parametrize("document", DOCUMENTS)

@@ -240,8 +240,8 @@ def extract(config: ExtractConfig) -> FeatureIndex:
         "sample_rate": pretrain_config.data.sample_rate,
         "frame_rate": extractor.frame_rate,
         "embed_dim": pretrain_config.model.embed_dim,
-        "groups": pretrain_config.model.quantizer.groups,
-        "codebook_size": pretrain_config.model.quantizer.codebook_size,
+        "groups": pretrain_config.model.groups,
+        "codebook_size": pretrain_config.model.codebook_size,
     }
     out_dir = Path(config.out_dir)
     resume = _check_previous(out_dir, settings, config.overwrite)
