@@ -19,6 +19,7 @@ from simplexvq.scale.streamed import StreamedQuantization
 
 calls = 0
 fail_with: Exception | None = None
+fail_backward_with: Exception | None = None  # raised by the backward pass (a backward kernel that does not compile)
 available: tuple[bool, str] = (True, "")
 
 
@@ -80,4 +81,19 @@ def triton_streamed_softmax_quantize(
             selected, total = select_global(padded, knn_k, world)
             local_part = torch.where(selected[:local_k], top, torch.zeros_like(top)).sum()
             loss = with_scaled_gradient(total / (knn_k * columns), local_part / (knn_k * columns), world.size)
+    if fail_backward_with is not None:
+        quantized = None if quantized is None else _FailingBackward.apply(quantized)
+        loss = None if loss is None else _FailingBackward.apply(loss)
     return StreamedQuantization(quantized=quantized, knn_loss=loss, indices=indices, stats=stats)
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity whose backward raises ``fail_backward_with``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        raise fail_backward_with

@@ -48,6 +48,7 @@ REAL_KERNELS = _real_kernels()
 def _fresh_fake():
     fake_triton_kernels.calls = 0
     fake_triton_kernels.fail_with = None
+    fake_triton_kernels.fail_backward_with = None
     fake_triton_kernels.available = (True, "")
     triton_backend._warned.clear()
     yield
@@ -59,7 +60,7 @@ def _backend(name: str, kernels: str = "fake") -> backends.StreamedBackend:
     if kernels == "fake":
         return backends.TritonBackend(load=lambda: fake_triton_kernels)
     if REAL_KERNELS is None:
-        pytest.skip("simplexvq.scale.triton is absent or cannot run here (Triton kernels not merged / no interpreter)")
+        pytest.skip("simplexvq.scale.triton cannot run here (no triton package, or no GPU and no interpreter)")
     return backends.TritonBackend(load=lambda: REAL_KERNELS)
 
 
@@ -245,7 +246,7 @@ def test_quantizer_uses_the_configured_backend_once(monkeypatch, name):
     assert backend.name == name
     quantizer(torch.randn(4, 9, 8))
     assert quantizer.streamed_backend is backend
-    assert fake_triton_kernels.calls == (2 if name == "triton" else 0)
+    assert fake_triton_kernels.calls == (3 if name == "triton" else 0)  # two calls and one probe of the variant
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -269,6 +270,19 @@ def test_triton_backend_falls_back_once_when_the_kernel_raises_at_its_first_call
         _quantize_twice(backend)
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert backend.fell_back and fake_triton_kernels.calls == 1  # not retried
+
+
+def test_triton_backend_falls_back_when_a_backward_kernel_fails_to_compile():
+    """The probe runs the call's variant forward and backward first, so a failing backward kernel is found before
+    the training step's backward depends on it."""
+    fake_triton_kernels.fail_backward_with = RuntimeError("backward kernel: out of shared memory")
+    backend = backends.TritonBackend(load=lambda: fake_triton_kernels)
+    z, codebook, temperature = _inputs(torch.float64, seed=3)
+    inputs = [x.clone().requires_grad_() for x in (z, codebook, temperature)]
+    with pytest.warns(RuntimeWarning, match="backward kernel: out of shared memory"):
+        result = backend.quantize(*inputs, knn_k=K, chunk_size=CHUNK)
+    torch.autograd.grad(result.knn_loss + result.quantized.sum(), inputs)  # the reference backend's backward
+    assert backend.fell_back
 
 
 def test_triton_backend_falls_back_when_unavailable_or_missing():
@@ -336,7 +350,7 @@ def test_a_quantizer_with_a_triton_backend_can_be_deep_copied(monkeypatch):
     twin = copy.deepcopy(quantizer)
     assert twin.streamed_backend._kernels is None
     torch.testing.assert_close(twin(z).loss, expected)
-    assert fake_triton_kernels.calls == 2 and not twin.streamed_backend.fell_back
+    assert fake_triton_kernels.calls == 4 and not twin.streamed_backend.fell_back  # a call and a probe each
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -362,7 +376,7 @@ def test_quantizer_on_the_sync_free_path_equals_the_compacting_path(monkeypatch,
         (out.loss + out.quantized.nan_to_num().square().sum()).backward()
         outputs.append((out, leaf.grad, quantizer.codebook.weight.grad, quantizer.logits.log_temperature.grad))
     (got, *got_grads), (want, *want_grads) = outputs
-    assert fake_triton_kernels.calls == 1 and not in_place.streamed_backend.fell_back
+    assert fake_triton_kernels.calls == 2 and not in_place.streamed_backend.fell_back  # the call and its probe
     torch.testing.assert_close(got.quantized, want.quantized)
     assert torch.count_nonzero(got.quantized[1, 7:]) == 0 and bool((got.indices[1, 7:] == -1).all())
     assert torch.equal(got.indices, want.indices)

@@ -20,6 +20,7 @@ from simplexvq_recipes.speech.pretraining.config import PretrainConfig
 from simplexvq_recipes.training.checkpoint import CheckpointError, checkpoint_problem, latest_complete
 from simplexvq_recipes.training.config import load_config
 from simplexvq_recipes.training.loop import resolve_mixed_precision
+from simplexvq_recipes.training.schedule import warmup_cosine_factor
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -62,8 +63,17 @@ def test_run_folder_log_file_summary_and_train_seconds_across_a_resume(tmp_path)
     state = json.loads((run / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
     assert state["train_seconds"] >= first["train_seconds"]
     # the longer schedule is an allowed change, recorded with the step it was applied at
+    # and so is the learning rate it implies at the resume step (the schedule is recomputed for the new total)
+    lr_key = "learning rate at step 4 (schedule recomputed for 8 instead of 4 steps)"
     changes = json.loads((run / "config_changes.json").read_text())
-    assert changes == [{"step": 4, "changes": {"training.steps": {"old": 4, "new": 8}}}]
+    assert [record["step"] for record in changes] == [4]
+    assert set(changes[0]["changes"]) == {"training.steps", lr_key}
+    assert changes[0]["changes"]["training.steps"] == {"old": 4, "new": 8}
+    lr_change = changes[0]["changes"][lr_key]
+    base_lr = toy_task.ToySettings().lr
+    assert lr_change["old"] == pytest.approx(base_lr * warmup_cosine_factor(2, 4, 0.1)(4))
+    assert lr_change["new"] == pytest.approx(base_lr * warmup_cosine_factor(2, 8, 0.1)(4))
+    assert lr_change["old"] != pytest.approx(lr_change["new"])
     assert "steps: 8" in (run / "config.yaml").read_text()
     assert "changed on resume: training.steps 4 -> 8" in (run / "train.log").read_text()
 

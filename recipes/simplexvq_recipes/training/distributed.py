@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -36,7 +35,7 @@ def local_neighbours(model: nn.Module) -> Iterator[None]:
     for module in model.modules():
         if isinstance(module, ProductQuantizer) and module.config.knn_scope != "local":
             changed.append((module, module.config))
-            module.config = dataclasses.replace(module.config, knn_scope="local")
+            module.config = module.config.replace(knn_scope="local")
     try:
         yield
     finally:

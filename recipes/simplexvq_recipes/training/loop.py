@@ -236,6 +236,7 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
     step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch"]
     seconds_before = float(state.get("train_seconds", 0.0))
     history = MetricHistory(state["history"])
+    changes.update(_schedule_change(changes, task, settings, steps_per_epoch, total_steps, step, optimizer))
     if accelerator.is_main_process:
         atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(config))
         record_changes(run_dir, step, changes)
@@ -360,6 +361,32 @@ def _summary(
     for key, (old, new) in changes.items():
         lines.append(f"  changed on resume: {key} {old!r} -> {new!r}")
     log.say("\n".join(lines))
+
+
+def _schedule_change(
+    changes: dict[str, tuple[Any, Any]],
+    task: TrainingTask,
+    settings: TrainingConfig,
+    steps_per_epoch: int,
+    total_steps: int,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, tuple[Any, Any]]:
+    """A resume that changes the run's length recomputes the learning-rate schedule for the new total (a warmup +
+    cosine schedule then continues on the longer or shorter curve). The learning rate at the resume step before and
+    after is returned as one more recorded change, so the jump is in ``config_changes.json`` and the log."""
+    if "training.steps" not in changes and "training.epochs" not in changes:
+        return {}
+    old_steps = changes.get("training.steps", (settings.steps, None))[0]
+    old_epochs = changes.get("training.epochs", (settings.epochs, None))[0]
+    old_total = old_steps or old_epochs * steps_per_epoch
+    if old_total == total_steps:
+        return {}
+    base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+    before = base_lr * task.schedule(old_total)(step)
+    after = base_lr * task.schedule(total_steps)(step)
+    key = f"learning rate at step {step} (schedule recomputed for {total_steps} instead of {old_total} steps)"
+    return {key: (before, after)}
 
 
 def validation_batches(batches: Iterable[Any], max_batches: int) -> Iterable[Any]:

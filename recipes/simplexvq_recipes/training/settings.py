@@ -34,7 +34,9 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "training.activation_checkpointing",
 )
 """Settings a resumed run may change: they decide how long to train, how often to log, validate and save, and how
-fast a step runs, never the model, the data or the optimisation of a step."""
+fast a step runs, never the model or the data. Changing the run's length (``steps`` / ``epochs``) recomputes the
+learning-rate schedule for the new total; the learning rate at the resume step before and after is recorded in
+``config_changes.json`` and the log."""
 
 
 @dataclass(kw_only=True)

@@ -3,7 +3,10 @@
 The kernels come from :func:`load_triton_kernels` (a module exporting ``triton_streamed_softmax_quantize`` and
 ``triton_available``). If they cannot be imported, report that they cannot run here, or raise at their first call
 (a kernel that does not compile on this GPU), the backend warns once, naming the cause, and from then on uses the
-reference backend: a training run never fails for that. After one successful call, errors propagate. Argument
+reference backend: a training run never fails for that. The first call of each kernel variant (device, dtype,
+codebook shape, logits, regularizer, output on or off) is preceded by a probe: a forward and backward of the same
+variant on a small fixed input, so that a backward kernel that does not compile is found before the training step
+depends on it. After a variant's probe succeeded, its errors propagate. Argument
 errors (``ValueError``, ``TypeError``) always propagate: the reference backend would reject the same call.
 ``chunk_size`` is not passed on: the kernels tile rows themselves.
 """
@@ -11,10 +14,12 @@ errors (``ValueError``, ``TypeError``) always propagate: the reference backend w
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from collections.abc import Callable
 from types import ModuleType
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -44,12 +49,12 @@ class TritonBackend(StreamedBackend):
         self._load = load  # None: :func:`load_triton_kernels`, looked up at the first call
         self._kernels: ModuleType | None = None
         self._fallback: ReferenceBackend | None = None
-        self._proven = False
+        self._proven: set[tuple] = set()
 
     def __getstate__(self) -> dict:
         """Copies and pickles (``copy.deepcopy(model)``, ``torch.save(model)``) leave out the kernel module and the
         loader; the copy loads the kernels again at its first call."""
-        return {**self.__dict__, "_kernels": None, "_load": None, "_proven": False}
+        return {**self.__dict__, "_kernels": None, "_load": None, "_proven": set()}
 
     @property
     def fell_back(self) -> bool:
@@ -108,16 +113,34 @@ class TritonBackend(StreamedBackend):
         )
         self._ready()
         if self._kernels is not None:
+            variant = (z.device, z.dtype, tuple(codebook.shape), distance, knn_k, knn_distance, compute_output)
             try:
+                if variant not in self._proven and not torch.compiler.is_compiling():
+                    self._probe(z, codebook, temperature, options)
                 result = self._kernels.triton_streamed_softmax_quantize(z, codebook, temperature, **options)
             except (ValueError, TypeError):
                 raise
             except Exception as error:
-                if self._proven:
+                if variant in self._proven:
                     raise
                 self._kernels = None
                 self._fall_back(f"the kernels failed at their first call: {type(error).__name__}: {error}")
             else:
-                self._proven = True
+                self._proven.add(variant)
                 return result
         return self._fallback.quantize(z, codebook, temperature, chunk_size=chunk_size, **options)
+
+    def _probe(self, z: Tensor, codebook: Tensor, temperature: Tensor, options: dict) -> None:
+        """Forward and backward of the call's kernel variant on a small deterministic input in this process alone
+        (local scope, no vertex subset, every row valid; the global RNG is not touched)."""
+        groups, _, dim = codebook.shape
+        rows = max(16, options["knn_k"] or 0)
+        grid = torch.arange(rows * groups * dim, device=z.device, dtype=torch.float64)
+        probe_z = torch.sin(grid * (math.pi / 7)).reshape(rows, groups, dim).to(z.dtype)
+        inputs = [x.detach().clone().requires_grad_() for x in (probe_z, codebook, temperature)]
+        probe_options = {**options, "scope": "local", "group": None, "vertices": None, "valid": None}
+        with torch.inference_mode(False), torch.enable_grad():
+            result = self._kernels.triton_streamed_softmax_quantize(*inputs, **probe_options)
+            total = sum(x.float().sum() for x in (result.quantized, result.knn_loss) if x is not None)
+            if isinstance(total, Tensor) and total.requires_grad:
+                torch.autograd.grad(total, inputs, allow_unused=True)
