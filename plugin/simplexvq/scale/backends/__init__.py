@@ -34,6 +34,11 @@ __all__ = [
 ]
 
 
+TRITON_INSTALLED: bool = importlib.util.find_spec("triton") is not None
+"""Whether the ``triton`` package is installed (looked up once, at import, so that ``auto`` resolves without a
+filesystem lookup inside a traced or compiled step)."""
+
+
 def resolve_backend(choice: str, device: torch.device) -> str:
     """The backend ``choice`` names for tensors on ``device``: itself, or what ``"auto"`` picks there."""
     if choice not in BACKEND_CHOICES:
@@ -42,7 +47,7 @@ def resolve_backend(choice: str, device: torch.device) -> str:
         return choice
     if device.type == "cpu":
         return "cpu"
-    return "triton" if importlib.util.find_spec("triton") is not None else "reference"
+    return "triton" if TRITON_INSTALLED else "reference"
 
 
 def make_backend(name: str) -> StreamedBackend:
