@@ -134,35 +134,16 @@ def load_baseline(revision: str) -> str:
     return name
 
 
-SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim")
-
-
 def count_ops(layer: Layer) -> dict[str, int]:
     """Aten ops of one training step (forward + backward) of ``layer``, and how many of them would force a
-    device-to-host sync on a GPU: ``_local_scalar_dense`` (``.item()``, ``if tensor:``), ``nonzero``,
-    ``masked_select``, ``unique*``, ``repeat_interleave`` without ``output_size``, indexing / ``index_put`` with a
-    boolean mask. Each op is a kernel launch on a GPU (views aside)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    counts = {"ops": 0, "syncing": 0}
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            name = func._schema.name.removeprefix("aten::")
-            counts["ops"] += 1
-            dynamic = name == "repeat_interleave" and kwargs.get("output_size") is None
-            if name.startswith(("index", "_index_put_impl")):
-                flat, _ = tree_flatten((args, kwargs))
-                dynamic = any(isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in flat[1:])
-            counts["syncing"] += int(name in SYNCING_OPS or name.startswith("unique") or dynamic)
-            return func(*args, **kwargs)
+    device-to-host sync on a GPU (:class:`simplexvq.scale.sync_audit.SyncAudit`). Each op is a kernel launch on a
+    GPU (views aside)."""
+    from simplexvq.scale.sync_audit import SyncAudit
 
     train_step(layer)  # warm-up: backends are made and kernels loaded outside the count
-    with Recorder():
+    with SyncAudit() as audit:
         train_step(layer)
-    return counts
+    return {"ops": len(audit.ops), "syncing": len(audit.syncing)}
 
 
 def train_step(layer: Layer) -> None:

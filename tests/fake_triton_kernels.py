@@ -17,6 +17,22 @@ from simplexvq.scale.deviation import deviation
 from simplexvq.scale.distributed import select_global, with_scaled_gradient, world_of
 from simplexvq.scale.streamed import StreamedQuantization
 
+
+def real_triton_kernels():
+    """The real kernel module if it is importable and can run on CPU tensors here (interpreted), else ``None``: the
+    tests that run a case with the fake run it with the real kernels too where they can."""
+    import importlib
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        module = importlib.import_module("simplexvq.scale.triton")
+    except ImportError:
+        return None
+    return module if module.triton_available()[0] else None
+
+
 calls = 0
 fail_with: Exception | None = None
 fail_backward_with: Exception | None = None  # raised by the backward pass (a backward kernel that does not compile)

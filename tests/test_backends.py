@@ -9,12 +9,7 @@ shapes (``tests/fake_triton_kernels.py``) otherwise, which still exercises the b
 
 from __future__ import annotations
 
-import importlib
-import os
 import warnings
-
-if os.environ.get("SIMPLEXVQ_TRITON_TEST_DEVICE") != "cuda":  # the kernels' own tests' switch to a GPU run
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported: kernels on CPU tensors
 
 import fake_triton_kernels  # noqa: E402
 import pytest  # noqa: E402
@@ -30,18 +25,7 @@ N, G, M, D, K = 37, 2, 11, 4, 3
 CHUNK = 8
 
 
-def _real_kernels():
-    """The real kernel module if it is importable and can run on CPU tensors here (interpreted), else ``None``."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return None
-    try:
-        module = importlib.import_module("simplexvq.scale.triton")
-    except ImportError:
-        return None
-    return module if module.triton_available()[0] else None
-
-
-REAL_KERNELS = _real_kernels()
+REAL_KERNELS = fake_triton_kernels.real_triton_kernels()
 
 
 @pytest.fixture(autouse=True)

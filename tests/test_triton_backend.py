@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 
-DEVICE = "cuda" if os.environ.get("SIMPLEXVQ_TRITON_TEST_DEVICE") == "cuda" else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if os.environ.get("SIMPLEXVQ_TRITON_TEST_DEVICE") == "cuda" else "cpu"  # CPU: tests/conftest.py
+# set TRITON_INTERPRET=1, so the kernels run on CPU tensors in Triton's interpreter
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -23,14 +22,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
 pytest.importorskip("triton")
 
 import simplexvq  # noqa: E402
 from simplexvq import functional as VQF  # noqa: E402
 from simplexvq.efficient import streamed_softmax_quantize  # noqa: E402
+from simplexvq.scale.sync_audit import SyncAudit  # noqa: E402
 from simplexvq.scale.triton import triton_available, triton_streamed_softmax_quantize  # noqa: E402
 
 if DEVICE == "cpu":
@@ -251,36 +249,12 @@ def test_triton_available_names_the_reason(monkeypatch):
 # No host sync, a launch count independent of N
 # --------------------------------------------------------------------------------------------------------------
 
-_SYNCING = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim"}
-_SYNCING |= {"unique_consecutive", "repeat_interleave", "equal", "is_nonzero", "tolist"}
 
-
-class _OpLog(TorchDispatchMode):
-    """Records every operator of a forward + backward and those that would wait for the device on a GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-        self.syncing: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        self.ops.append(str(func))
-        boolean_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in tree_flatten(args[1:2])[0]
-        )
-        plain_repeat = name == "repeat_interleave" and kwargs.get("output_size") is not None
-        if (name in _SYNCING and not plain_repeat) or boolean_index:
-            self.syncing.append(str(func))
-        return func(*args, **kwargs)
-
-
-def _step_ops(n: int, knn_distance: str) -> _OpLog:
+def _step_ops(n: int, knn_distance: str) -> SyncAudit:
     z, codebook, temperature = _inputs(n, 2, 18, 4, seed=60)
     valid = torch.ones(n, dtype=torch.bool, device=DEVICE)
     valid[1] = False
-    with _OpLog() as log:
+    with SyncAudit() as log:
         result = triton_streamed_softmax_quantize(
             z,
             codebook,
@@ -304,7 +278,7 @@ def test_training_step_has_no_sync_and_a_fixed_launch_count(knn_distance):
 
 
 def test_the_sync_detector_sees_a_boolean_mask():
-    with _OpLog() as log:
+    with SyncAudit() as log:
         x = torch.randn(5)
         x[x > 0].sum()
         torch.nonzero(x)
