@@ -19,6 +19,8 @@ are NaN (never selected: see :func:`~simplexvq.scale.topk.empty_slots_last`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -187,33 +189,5 @@ class ReferenceBackend(StreamedBackend):
 
     name = "reference"
 
-    def quantize(  # noqa: D102
-        self,
-        z: Tensor,
-        codebook: Tensor,
-        temperature: Tensor,
-        *,
-        distance: LogitsKind = "cosine",
-        knn_k: int | None = None,
-        knn_distance: KnnDistance = "ce",
-        compute_output: bool = True,
-        chunk_size: int | None = None,
-        scope: KnnScope = "local",
-        vertices: Tensor | None = None,
-        group: dist.ProcessGroup | None = None,
-        valid: Tensor | None = None,
-    ) -> StreamedQuantization:
-        return reference_streamed_softmax_quantize(
-            z,
-            codebook,
-            temperature,
-            distance=distance,
-            knn_k=knn_k,
-            knn_distance=knn_distance,
-            compute_output=compute_output,
-            chunk_size=chunk_size,
-            scope=scope,
-            vertices=vertices,
-            group=group,
-            valid=valid,
-        )
+    def quantize(self, z: Tensor, codebook: Tensor, temperature: Tensor, **options: Any) -> StreamedQuantization:  # noqa: D102
+        return reference_streamed_softmax_quantize(z, codebook, temperature, **options)
