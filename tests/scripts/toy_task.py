@@ -59,7 +59,7 @@ class ToyModel(nn.Module):
         self.dropout = nn.Dropout(settings.dropout)
         self.quantizer = None
         if settings.quantizer is not None:
-            self.quantizer = recipe_spec(settings.quantizer, num_processes, dim=8).build(dim=8)
+            self.quantizer = recipe_spec(settings.quantizer, num_processes).build(dim=8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.dropout(self.linear(x))

@@ -42,7 +42,7 @@ from simplexvq_vision import AutoencoderConfig, DiscreteAutoencoder, Normalizer,
 def build_autoencoder(config: AutoencoderConfig, num_processes: int = 1) -> DiscreteAutoencoder:
     """The autoencoder with the recipes' quantizer defaults (:func:`recipe_spec`: neighbours across ranks when
     several processes train a KNN method and ``knn_scope`` is unset)."""
-    spec = recipe_spec(config.quantizer, num_processes, dim=config.latent_channels)
+    spec = recipe_spec(config.quantizer, num_processes)
     return DiscreteAutoencoder(dataclasses.replace(config, quantizer=spec))
 
 

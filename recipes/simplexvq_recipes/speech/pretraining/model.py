@@ -124,7 +124,7 @@ class Wav2Vec2Pretrainer(nn.Module):
         self.config = config
         self.wav2vec2 = build_wav2vec2(config)
         quantizer_dim = config.quantizer_dim
-        spec = recipe_spec(config.quantizer, num_processes, dim=quantizer_dim)
+        spec = recipe_spec(config.quantizer, num_processes)
         self.quantizer = spec.build(dim=quantizer_dim)
         self.quantizer_input = nn.Linear(config.feature_dim, quantizer_dim)
         """Projects the (layer-normalised) CNN features to the quantizer's ``groups * codebook_dim``."""
