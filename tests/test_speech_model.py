@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torchaudio
+import transformers
 
 import simplexvq
 from simplexvq import QuantizerSpec
@@ -181,7 +181,8 @@ def test_model_api_components_and_forward():
     torch.manual_seed(0)
     model = build_model(PretrainConfig(model=micro_config(groups=2)))
     assert isinstance(model, Wav2Vec2Pretrainer)
-    assert isinstance(model.wav2vec2, torchaudio.models.Wav2Vec2Model) and model.wav2vec2.aux is None
+    assert type(model.wav2vec2) is transformers.Wav2Vec2Model
+    assert model.mask_embedding is model.wav2vec2.masked_spec_embed
     assert model.quantizer.config.groups == 2 and model.quantizer.config.dim == 16
     waveforms = torch.randn(3, 8000) * 0.1
     lengths = torch.tensor([8000, 6000, 4000])
@@ -196,12 +197,13 @@ def test_model_api_components_and_forward():
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     out.loss.backward()
     for name in (
-        "mask_embedding",
+        "wav2vec2.masked_spec_embed",
         "quantizer_input.weight",
         "project_q.weight",
         "final_proj.weight",
         "quantizer.codebook.weight",
         "wav2vec2.feature_extractor.conv_layers.0.conv.weight",
+        "wav2vec2.encoder.layers.1.feed_forward.output_dense.weight",
     ):
         parameter = dict(model.named_parameters())[name]
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
@@ -215,11 +217,12 @@ def test_encode_codes_and_layers():
     with torch.no_grad():
         enc = model.encode(waveforms, lengths, layers=[0, 1, 2])
         alone = model.encode(waveforms[:1], None, layers=[2])
-        reference, _ = model.wav2vec2.extract_features(waveforms[:1])
+        reference = model.wav2vec2(waveforms[:1], output_hidden_states=True).hidden_states
     assert enc.codes.shape == (2, 24, 1) and enc.lengths.tolist() == [24, 15]
     assert (enc.codes[1, 15:] == -1).all() and (enc.codes[:, :15] >= 0).all() and (enc.codes < 8).all()
     assert set(enc.layers) == {0, 1, 2} and all(v.shape == (2, 24, 32) for v in enc.layers.values())
-    torch.testing.assert_close(alone.layers[2], reference[1])  # torchaudio's own path on unmasked input
+    torch.testing.assert_close(alone.layers[2], reference[2])  # transformers' own path on unmasked input
+    assert (enc.layers[1][1, 15:] == 0).all() and (enc.cnn_features.shape == (2, 24, 16))
     assert alone.padding_mask.shape == (1, 24) and not alone.padding_mask.any()
     with pytest.raises(ValueError, match="layer 3 does not exist"):
         model.encode(waveforms, lengths, layers=[3])
@@ -258,7 +261,7 @@ def test_every_table2_quantizer_trains_a_step(method):
     out.loss.backward()
     optimizer.step()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert "quantizer.codebook.weight" in changed and "mask_embedding" in changed
+    assert "quantizer.codebook.weight" in changed and "wav2vec2.masked_spec_embed" in changed
 
 
 def test_a_bad_method_name_gets_the_cores_message():
@@ -285,7 +288,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         )
     (loss, grads), (loss_ckpt, grads_ckpt) = results
     assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
-    assert any("transformer.layers" in name for name in grads)
+    assert any("encoder.layers" in name for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert list(model.state_dict()) == list(build_model(config).state_dict())  # same keys: checkpoints load
@@ -334,3 +337,142 @@ def test_several_processes_search_neighbours_across_ranks_by_default():
     config.quantizer.knn_scope = "local"
     assert build_model(config, num_processes=2).quantizer.config.knn_scope == "local"  # explicit wins
     assert build_model(micro_config(method="ste-euclid"), num_processes=2).quantizer.config.knn_scope == "local"
+
+
+def test_feature_grad_mult_scales_every_gradient_reaching_the_cnn_and_nothing_else():
+    """The CNN's parameters get ``feature_grad_mult`` times the gradient of an unscaled run (contrastive, quantizer
+    and feature-penalty terms alike); the rest of the model gets the same gradient."""
+    waveforms, lengths = torch.randn(2, 8000) * 0.1, torch.tensor([8000, 6000])
+    grads = []
+    for mult in (1.0, 0.25):
+        config = micro_config()
+        config.feature_grad_mult = mult
+        config.dropout = config.attention_dropout = config.input_dropout = config.target_dropout = 0.0
+        torch.manual_seed(0)
+        model = build_model(config)
+        model(waveforms, lengths, generator=torch.Generator().manual_seed(0)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    plain, scaled = grads
+    cnn = [n for n in plain if n.startswith("wav2vec2.feature_extractor.")]
+    assert cnn and all(plain[n].abs().sum() > 0 for n in cnn)
+    for name, grad in plain.items():
+        factor = 0.25 if name in cnn else 1.0
+        torch.testing.assert_close(scaled[name], factor * grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_feature_penalty_is_the_mean_square_of_the_raw_cnn_output():
+    torch.manual_seed(0)
+    model = build_model(micro_config()).eval()
+    waveforms, lengths = torch.randn(2, 8000) * 0.1, torch.tensor([8000, 5000])
+    with torch.no_grad():
+        out = model(waveforms, lengths, generator=torch.Generator().manual_seed(0))
+        raw = model.wav2vec2.feature_extractor(waveforms).transpose(1, 2)  # (B, T, C) before the layer norm
+        encoded = model.encode(waveforms, lengths)
+    expected = torch.cat([raw[0, :24], raw[1, :15]]).pow(2).mean()
+    assert out.losses["feature_penalty"].item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(encoded.cnn_features, raw)
+
+
+def test_the_recipes_mask_reaches_the_transformer_and_nothing_else_masks_in_training_mode():
+    """Masked frames enter the Transformer as the mask embedding (transformers' ``mask_time_indices``); an unmasked
+    pass in training mode is not masked by transformers' own SpecAugment (its ``mask_time_prob`` is set)."""
+    config = micro_config()
+    config.dropout = config.attention_dropout = config.input_dropout = config.target_dropout = 0.0
+    torch.manual_seed(0)
+    model = build_model(config)
+    assert model.wav2vec2.config.mask_time_prob == config.mask_prob > 0
+    waveforms = torch.randn(2, 8000) * 0.1
+    with torch.no_grad():
+        train_mode = model.train().encode(waveforms, layers=[0, 2])
+        eval_mode = model.eval().encode(waveforms, layers=[0, 2])
+        for layer in (0, 2):
+            torch.testing.assert_close(train_mode.layers[layer], eval_mode.layers[layer], rtol=0, atol=0)
+        mask = torch.zeros(2, 24, dtype=torch.bool)
+        mask[0, 3:13] = True
+        hidden = model.wav2vec2(waveforms, mask_time_indices=mask, output_hidden_states=True).hidden_states
+        projected = model.wav2vec2.feature_projection(model.wav2vec2.feature_extractor(waveforms).transpose(1, 2))[0]
+        projected[mask] = model.mask_embedding
+        expected = projected + model.wav2vec2.encoder.pos_conv_embed(projected)
+        torch.testing.assert_close(hidden[0], model.wav2vec2.encoder.layer_norm(expected))
+
+
+def test_old_torchaudio_checkpoints_load_converted_and_resuming_them_is_refused_clearly(tmp_path):
+    """A checkpoint of the torchaudio-based encoder (older runs): load_pretrained converts it and gives torchaudio's
+    own features; loading it straight into the model (what a resume does) is one clear error."""
+    torchaudio = pytest.importorskip("torchaudio")
+    from safetensors.torch import save_file
+
+    from simplexvq_recipes.speech.downstream.export import torchaudio_hyperparameters
+    from simplexvq_recipes.speech.pretraining.model import (
+        CHECKPOINTS,
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        convert_torchaudio_state_dict,
+        is_torchaudio_layout,
+        load_pretrained,
+    )
+    from simplexvq_recipes.training.config import config_to_yaml
+
+    config = PretrainConfig(model=micro_config())
+    torch.manual_seed(0)
+    new = build_model(config)
+    encoder = torchaudio.models.wav2vec2_model(**torchaudio_hyperparameters(config.model))
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    old_state = {f"wav2vec2.{k}": v for k, v in encoder.state_dict().items()}
+    old_state["mask_embedding"] = torch.randn(32)
+    old_state.update({k: v for k, v in new.state_dict().items() if not k.startswith("wav2vec2.")})
+    assert is_torchaudio_layout(old_state) and not is_torchaudio_layout(new.state_dict())
+    assert set(convert_torchaudio_state_dict(old_state)) == set(new.state_dict())
+
+    checkpoint = tmp_path / CHECKPOINTS / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / CONFIG_FILE).write_text(config_to_yaml(config))
+    save_file({k: v.contiguous() for k, v in old_state.items()}, str(checkpoint / WEIGHTS_FILE))
+    (checkpoint / "trainer_state.json").write_text('{"step": 1}')
+    model, _ = load_pretrained(checkpoint)
+    assert torch.equal(model.mask_embedding.detach(), old_state["mask_embedding"])
+    waveforms, lengths = torch.randn(2, 8000) * 0.1, torch.tensor([8000, 5000])
+    with torch.no_grad():
+        expected, _ = encoder.eval().extract_features(waveforms, lengths)
+        encoded = model.encode(waveforms, lengths, layers=[1, 2])
+    valid = ~encoded.padding_mask
+    for layer in (1, 2):
+        torch.testing.assert_close(encoded.layers[layer][valid], expected[layer - 1][valid], rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ValueError, match="torchaudio-based encoder of an older simplexvq_recipes"):
+        build_model(config).load_state_dict(old_state)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.crop_samples=0", "data.crop_samples must be > 0, got 0"),
+        ("data.sample_rate=0", "data.sample_rate must be > 0, got 0"),
+        ("data.batch_size=-1", "data.batch_size must be > 0"),
+        ("data.max_tokens=0", "data.max_tokens must be > 0"),
+        ("data.crop_samples=500", "data.crop_samples=500 gives fewer than 2 frames"),
+        ("model.num_layers=0", "model.num_layers must be > 0"),
+        ("model.embed_dim=30", "model.embed_dim \\(30\\) must be a multiple of model.num_heads"),
+        ("model.mask_prob=0", "model.mask_prob must be in \\(0, 1\\]"),
+        ("model.dropout=1.5", "model.dropout must be in \\[0, 1\\)"),
+        ("model.extractor_mode=batch_norm", "model.extractor_mode must be one of group_norm, layer_norm"),
+    ],
+)
+def test_sizes_that_cannot_work_are_refused_when_the_config_loads(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(PretrainConfig, preset_path("tiny"), [override])
+
+
+def test_a_bad_size_stops_the_command_line_before_the_run_folder_exists(tmp_path, capsys):
+    from simplexvq_recipes.speech.pretraining import train
+    from simplexvq_recipes.training.cli import run_cli
+
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", f"data.manifest_dir={tmp_path}", f"training.output_dir={out}", "data.crop_samples=0"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train.main(argv))
+    assert exit_info.value.code == 2
+    assert "data.crop_samples must be > 0" in capsys.readouterr().err
+    assert not out.exists()

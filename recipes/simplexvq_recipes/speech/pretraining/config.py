@@ -13,6 +13,29 @@ from pathlib import Path
 from simplexvq import QuantizerSpec
 from simplexvq_recipes.training.settings import LOOP_RENAMED_KEYS, TrainingConfig
 
+EXTRACTOR_MODES = ("group_norm", "layer_norm")
+ON_ERROR = ("raise", "skip")
+
+
+def _require(condition: bool, message: str) -> None:
+    """A setting that cannot work: refused when the config is built (at load, before any run folder exists)."""
+    if not condition:
+        raise ValueError(message)
+
+
+def _positive(section: str, config: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if value is not None:
+            _require(value > 0, f"{section}.{key} must be > 0, got {value}")
+
+
+def _probabilities(section: str, config: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        _require(0.0 <= value < 1.0, f"{section}.{key} must be in [0, 1), got {value}")
+
+
 PRESETS = ("base", "base_2x320", "tiny")
 
 
@@ -23,14 +46,16 @@ def _base_conv_layers() -> list[list[int]]:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """CNN feature encoder + Transformer (torchaudio) and the wav2vec 2.0 pretraining head (appendix B.2)."""
+    """CNN feature encoder + Transformer (transformers' ``Wav2Vec2Model``) and the wav2vec 2.0 pretraining head
+    (appendix B.2)."""
 
-    # convolutional feature encoder (torchaudio ``feature_extractor``)
+    # convolutional feature encoder (transformers' ``feature_extractor``)
     conv_layers: list[list[int]] = field(default_factory=_base_conv_layers)
     """``[channels, kernel, stride]`` per layer."""
     extractor_mode: str = "group_norm"
+    """``group_norm``: group norm after the first CNN layer only (BASE); ``layer_norm``: after every layer (LARGE)."""
     conv_bias: bool = False
-    # Transformer (torchaudio ``encoder``)
+    # Transformer (transformers' ``encoder``)
     embed_dim: int = 768
     num_layers: int = 12
     num_heads: int = 8
@@ -69,6 +94,37 @@ class ModelConfig:
     ``quantizer.regularizer_weight`` / ``commitment_weight``)."""
     feature_penalty_weight: float = 10.0
 
+    def __post_init__(self) -> None:
+        _require(len(self.conv_layers) > 0, "model.conv_layers must list at least one [channels, kernel, stride]")
+        for layer in self.conv_layers:
+            _require(
+                len(layer) == 3 and all(int(v) > 0 for v in layer),
+                f"model.conv_layers: each layer is [channels, kernel, stride] of positive sizes, got {list(layer)}",
+            )
+        _require(
+            self.extractor_mode in EXTRACTOR_MODES,
+            f"model.extractor_mode must be one of {', '.join(EXTRACTOR_MODES)}, got {self.extractor_mode!r}",
+        )
+        _positive("model", self, "embed_dim", "num_layers", "num_heads", "ffn_dim", "pos_conv_kernel")
+        _positive("model", self, "pos_conv_groups", "codebook_dim", "final_dim", "mask_length", "num_negatives")
+        _positive("model", self, "logit_temperature")
+        _require(
+            self.embed_dim % self.num_heads == 0 and self.embed_dim % self.pos_conv_groups == 0,
+            f"model.embed_dim ({self.embed_dim}) must be a multiple of model.num_heads ({self.num_heads}) and of "
+            f"model.pos_conv_groups ({self.pos_conv_groups})",
+        )
+        _probabilities("model", self, "dropout", "attention_dropout", "activation_dropout", "input_dropout")
+        _probabilities("model", self, "layer_drop", "target_dropout")
+        _require(0.0 < self.mask_prob <= 1.0, f"model.mask_prob must be in (0, 1], got {self.mask_prob}")
+        _require(self.min_masks >= 0, f"model.min_masks must be >= 0, got {self.min_masks}")
+        _require(self.feature_grad_mult >= 0, f"model.feature_grad_mult must be >= 0, got {self.feature_grad_mult}")
+
+    def num_frames(self, num_samples: int) -> int:
+        """CNN output frames of ``num_samples`` input samples."""
+        for _, kernel, stride in self.conv_layers:
+            num_samples = max((num_samples - kernel) // stride + 1, 0)
+        return num_samples
+
     @property
     def groups(self) -> int:
         """Codebooks of the quantizer (the spec's ``groups``, else the library's default)."""
@@ -89,6 +145,15 @@ class ModelConfig:
     def feature_dim(self) -> int:
         """Channels of the CNN output."""
         return self.conv_layers[-1][0]
+
+    @property
+    def receptive_field(self) -> int:
+        """Input samples behind one output frame (400 for the base CNN)."""
+        field, jump = 1, 1
+        for _, kernel, stride in self.conv_layers:
+            field += (kernel - 1) * jump
+            jump *= stride
+        return field
 
     @property
     def downsampling(self) -> int:
@@ -124,6 +189,14 @@ class DataConfig:
     valid_crop_samples: int | None = None
     """Crop of validation utterances (centre crop); ``None``: ``crop_samples``."""
 
+    def __post_init__(self) -> None:
+        _positive("data", self, "sample_rate", "crop_samples", "batch_size", "max_tokens", "valid_crop_samples")
+        _require(self.min_samples >= 0, f"data.min_samples must be >= 0, got {self.min_samples}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(
+            self.on_error in ON_ERROR, f"data.on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}"
+        )
+
 
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -157,6 +230,16 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     training: SpeechTrainingConfig = field(default_factory=SpeechTrainingConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("crop_samples", "valid_crop_samples"):
+            samples = getattr(self.data, key)
+            if samples is not None:
+                _require(
+                    self.model.num_frames(samples) >= 2,
+                    f"data.{key}={samples} gives fewer than 2 frames of the CNN (it needs "
+                    f"{self.model.receptive_field + self.model.downsampling} samples at least)",
+                )
 
     RENAMED_KEYS = {
         **LOOP_RENAMED_KEYS,

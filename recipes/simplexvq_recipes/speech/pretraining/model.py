@@ -1,29 +1,33 @@
-"""wav2vec 2.0 for pretraining: torchaudio's CNN and Transformer, and a pretraining head around a simplexvq quantizer.
+"""wav2vec 2.0 for pretraining: transformers' ``Wav2Vec2Model`` (CNN + Transformer) and a pretraining head around a
+simplexvq quantizer.
 
 The public API (documented in ``docs/speech.md``; downstream feature extraction, probes and export build on it)::
 
     model = build_model(config)                    # ModelConfig or PretrainConfig -> Wav2Vec2Pretrainer
     out = model(waveforms, lengths)                # PretrainOutput: loss, losses, accuracy, quantizer output
     enc = model.encode(waveforms, lengths, layers=[6, 12])   # EncoderOutput: codes (B, T, G), features by layer
-    model.wav2vec2                                 # torchaudio.models.Wav2Vec2Model (feature_extractor + encoder)
+    model.wav2vec2                                 # transformers.Wav2Vec2Model (save_pretrained exports it)
     model.quantizer                                # the simplexvq quantizer
     model, config = load_pretrained(run_dir_or_checkpoint)
 
 Appendix B.2: the CNN encodes 16 kHz waveforms to 50 Hz features; frames are masked (6.5% span starts, spans of
 10) and replaced by a learned embedding before the Transformer; the CNN features of the masked frames are
 quantized and the Transformer outputs must pick them out among distractors from the same utterance (eq. 15).
+As in transformers' ``Wav2Vec2ForPreTraining``, the encoder's ``extract_features`` (the layer-normalised CNN
+features) feed the quantizer and the recipe's mask goes in as ``mask_time_indices``. Only the public API of
+``Wav2Vec2Model`` is used (its config, forward outputs, ``gradient_checkpointing_enable``), so the recipe runs with
+transformers 4.57 and 5.x. Importing this module does not import ``transformers``; building a model does.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchaudio
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -34,6 +38,9 @@ from simplexvq_recipes.speech.pretraining.masking import padding_mask, sample_di
 from simplexvq_recipes.training.checkpoint import checkpoint_problem, latest_complete
 from simplexvq_recipes.training.config import load_config
 from simplexvq_recipes.training.quantizers import recipe_spec
+
+if TYPE_CHECKING:
+    import transformers
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -67,9 +74,10 @@ class EncoderOutput:
     """Result of :meth:`Wav2Vec2Pretrainer.encode` on unmasked input.
 
     * ``codes``: (B, T, G) hard code per frame and codebook, ``-1`` at padded frames;
-    * ``layers``: requested layer -> (B, T, embed_dim) features (0: the Transformer's input, i.e. the projected CNN
-      features; i >= 1: the output of Transformer layer i);
-    * ``cnn_features``: (B, T, C) CNN output; ``padding_mask``: (B, T) True at padded frames;
+    * ``layers``: requested layer -> (B, T, embed_dim) features, transformers' ``hidden_states[layer]`` (0: the
+      Transformer's input, the projected CNN features plus the positional convolution; i >= 1: the output of
+      Transformer layer i, the last one after the final layer norm in pre-norm models), zero at padded frames;
+    * ``cnn_features``: (B, T, C) CNN output before its layer norm; ``padding_mask``: (B, T) True at padded frames;
     * ``lengths``: (B,) unpadded frames per utterance (``None`` when no input lengths were given).
     """
 
@@ -80,40 +88,70 @@ class EncoderOutput:
     lengths: Tensor | None = None
 
 
-def build_wav2vec2(config: ModelConfig) -> torchaudio.models.Wav2Vec2Model:
-    """The CNN feature encoder + Transformer from torchaudio (no auxiliary head), initialised for pretraining as
-    wav2vec 2.0 is: Kaiming-normal convolutions (so activations keep their scale through the CNN) and BERT's
-    N(0, 0.02) Transformer linear layers (torchaudio's factory keeps PyTorch's defaults, made for loading weights)."""
-    model = torchaudio.models.wav2vec2_model(
-        extractor_mode=config.extractor_mode,
-        extractor_conv_layer_config=[tuple(layer) for layer in config.conv_layers],
-        extractor_conv_bias=config.conv_bias,
-        encoder_embed_dim=config.embed_dim,
-        encoder_projection_dropout=config.input_dropout,
-        encoder_pos_conv_kernel=config.pos_conv_kernel,
-        encoder_pos_conv_groups=config.pos_conv_groups,
-        encoder_num_layers=config.num_layers,
-        encoder_num_heads=config.num_heads,
-        encoder_attention_dropout=config.attention_dropout,
-        encoder_ff_interm_features=config.ffn_dim,
-        encoder_ff_interm_dropout=config.activation_dropout,
-        encoder_dropout=config.dropout,
-        encoder_layer_norm_first=config.layer_norm_first,
-        encoder_layer_drop=config.layer_drop,
-        aux_num_out=None,
+INSTALL_HINT = "pip install 'transformers>=4.57'"
+EXTRACTOR_NORMS = {"group_norm": "group", "layer_norm": "layer"}
+"""``model.extractor_mode`` -> transformers' ``feat_extract_norm``."""
+
+
+def import_transformers() -> Any:
+    """``transformers``, or an ImportError that says what to install."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            f"the speech recipe's encoder is transformers' Wav2Vec2Model, and transformers does not import "
+            f"({error}): {INSTALL_HINT} (or install simplexvq with the speech extra)"
+        ) from error
+    return transformers
+
+
+def wav2vec2_config(config: ModelConfig) -> transformers.Wav2Vec2Config:
+    """The ``transformers.Wav2Vec2Config`` of the recipe's encoder. The masking and quantizer fields describe the
+    recipe (``mask_time_prob`` also makes transformers create ``masked_spec_embed``, the mask embedding); the
+    recipe passes its own mask as ``mask_time_indices``, so transformers' SpecAugment never draws one."""
+    return import_transformers().Wav2Vec2Config(
+        conv_dim=[int(layer[0]) for layer in config.conv_layers],
+        conv_kernel=[int(layer[1]) for layer in config.conv_layers],
+        conv_stride=[int(layer[2]) for layer in config.conv_layers],
+        conv_bias=config.conv_bias,
+        feat_extract_norm=EXTRACTOR_NORMS[config.extractor_mode],
+        feat_extract_activation="gelu",
+        hidden_size=config.embed_dim,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.ffn_dim,
+        hidden_act="gelu",
+        hidden_dropout=config.dropout,
+        attention_dropout=config.attention_dropout,
+        activation_dropout=config.activation_dropout,
+        feat_proj_dropout=config.input_dropout,
+        layerdrop=config.layer_drop,
+        num_conv_pos_embeddings=config.pos_conv_kernel,
+        num_conv_pos_embedding_groups=config.pos_conv_groups,
+        do_stable_layer_norm=config.layer_norm_first,
+        layer_norm_eps=1e-5,
+        initializer_range=0.02,
+        apply_spec_augment=True,
+        mask_time_prob=config.mask_prob,
+        mask_time_length=config.mask_length,
+        mask_time_min_masks=config.min_masks,
+        mask_feature_prob=0.0,
+        num_codevector_groups=config.groups,
+        num_codevectors_per_group=config.codebook_size,
+        codevector_dim=config.quantizer_dim,
+        proj_codevector_dim=config.final_dim,
+        num_negatives=config.num_negatives,
+        contrastive_logits_temperature=config.logit_temperature,
+        feat_quantizer_dropout=config.target_dropout,
+        architectures=["Wav2Vec2Model"],
     )
-    for block in model.feature_extractor.conv_layers:
-        nn.init.kaiming_normal_(block.conv.weight)
-    model.encoder.transformer.layers.apply(_bert_init)
-    return model
 
 
-def _bert_init(module: nn.Module) -> None:
-    """Linear layers of the Transformer: N(0, 0.02) weights, zero biases (BERT's and wav2vec 2.0's init)."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+def build_wav2vec2(config: ModelConfig) -> transformers.Wav2Vec2Model:
+    """The CNN feature encoder + Transformer, ``transformers.Wav2Vec2Model`` (SDPA attention where torch has it),
+    initialised by transformers as wav2vec 2.0 is: Kaiming-normal convolutions, N(0, 0.02) Transformer linear
+    layers, the positional convolution's and the projection's own rules, a uniform mask embedding."""
+    return import_transformers().Wav2Vec2Model(wav2vec2_config(config))
 
 
 class Wav2Vec2Pretrainer(nn.Module):
@@ -130,8 +168,17 @@ class Wav2Vec2Pretrainer(nn.Module):
         """Projects the (layer-normalised) CNN features to the quantizer's ``groups * codebook_dim``."""
         self.project_q = nn.Linear(quantizer_dim, config.final_dim)
         self.final_proj = nn.Linear(config.embed_dim, config.final_dim)
-        self.mask_embedding = nn.Parameter(torch.empty(config.embed_dim).uniform_())
         self.target_dropout = nn.Dropout(config.target_dropout)
+        self._cnn_output: dict[str, Tensor] = {}
+        self.wav2vec2.feature_extractor.register_forward_hook(self._on_cnn_output)
+        self.register_load_state_dict_pre_hook(_refuse_torchaudio_layout)
+
+    def _on_cnn_output(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        """The CNN's output (B, C, T): its gradient scaled by ``feature_grad_mult`` (everything reaching the CNN
+        passes here), kept for the feature penalty of the pass that produced it."""
+        output = L.scale_gradient(output, self.config.feature_grad_mult)
+        self._cnn_output["features"] = output
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -142,6 +189,11 @@ class Wav2Vec2Pretrainer(nn.Module):
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
+    @property
+    def mask_embedding(self) -> nn.Parameter:
+        """The learned embedding of masked frames (transformers' ``masked_spec_embed``)."""
+        return self.wav2vec2.masked_spec_embed
+
     def set_num_updates(self, num_updates: int) -> None:
         """Forward the optimizer step to the quantizer (Gumbel temperature schedules of the built-in quantizers)."""
         if isinstance(self.quantizer, simplexvq.ProductQuantizer):
@@ -149,10 +201,9 @@ class Wav2Vec2Pretrainer(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute each Transformer layer's activations in the backward pass instead of keeping them (less
-        memory, the same gradients: dropout is replayed with the saved RNG state). The parameters and the
-        ``state_dict`` are unchanged."""
-        for layer in self.wav2vec2.encoder.transformer.layers:
-            layer.forward = _checkpointed(layer.forward)
+        memory, the same gradients: dropout is replayed with the saved RNG state), through transformers'
+        ``gradient_checkpointing_enable``. The parameters and the ``state_dict`` are unchanged."""
+        self.wav2vec2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         """Unpadded CNN frames of waveforms of ``lengths`` samples."""
@@ -161,26 +212,38 @@ class Wav2Vec2Pretrainer(nn.Module):
             lengths = lengths.clamp_min(0)
         return lengths
 
+    def num_frames(self, num_samples: int) -> int:
+        """CNN frames of a waveform of ``num_samples`` samples."""
+        return self.config.num_frames(num_samples)
+
     # ------------------------------------------------------------------------------------------------------------
-    def _features(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """CNN features (B, T, C), their lengths and the (B, T) padding mask."""
+    def _run_encoder(
+        self, waveforms: Tensor, lengths: Tensor | None, mask: Tensor | None, *, hidden_states: bool = False
+    ) -> tuple[Any, Tensor, Tensor | None, Tensor]:
+        """transformers' forward with the recipe's ``mask`` (None: no frame masked): its output, the CNN features
+        (B, T, C) before their layer norm, the frame lengths and the (B, T) padding mask."""
         if waveforms.dim() != 2:
             raise ValueError(f"waveforms must have shape (batch, samples), got {tuple(waveforms.shape)}")
-        features, frame_lengths = self.wav2vec2.feature_extractor(waveforms, lengths)
-        padding = padding_mask(frame_lengths, features.shape[0], features.shape[1], features.device)
-        return features, frame_lengths, padding
-
-    def _contextualize(self, x: Tensor, padding: Tensor, num_layers: int | None = None) -> list[Tensor] | Tensor:
-        """Run the Transformer on projected features ``x``; all layer outputs when ``num_layers`` is given."""
-        x = x.masked_fill(padding[..., None], 0.0)
-        attention_mask = None
-        if padding.any():
-            batch, length = padding.shape
-            attention_mask = (-10000.0 * padding[:, None, None, :].to(x.dtype)).expand(batch, 1, length, length)
-        transformer = self.wav2vec2.encoder.transformer
-        if num_layers is None:
-            return transformer(x, attention_mask=attention_mask)
-        return transformer.get_intermediate_outputs(x, attention_mask=attention_mask, num_layers=num_layers)
+        batch, num_samples = waveforms.shape
+        num_frames = self.num_frames(num_samples)
+        device = waveforms.device
+        attention_mask = frame_lengths = None
+        if lengths is not None:
+            lengths = lengths.to(device)
+            attention_mask = (torch.arange(num_samples, device=device)[None] < lengths[:, None]).long()
+            frame_lengths = self.frame_lengths(lengths)
+        padding = padding_mask(frame_lengths, batch, num_frames, device)
+        if mask is None:  # an explicit empty mask: transformers would draw its own in training mode otherwise
+            mask = torch.zeros(batch, num_frames, dtype=torch.bool, device=device)
+        output = self.wav2vec2(
+            waveforms,
+            attention_mask=attention_mask,
+            mask_time_indices=mask,
+            output_hidden_states=hidden_states,
+            return_dict=True,
+        )
+        features = self._cnn_output.pop("features").transpose(1, 2)
+        return output, features, frame_lengths, padding
 
     def forward(
         self,
@@ -197,18 +260,12 @@ class Wav2Vec2Pretrainer(nn.Module):
         reusing this pass's CNN features (validation).
         """
         config = self.config
-        features, frame_lengths, padding = self._features(waveforms, lengths)
-        batch, num_frames, _ = features.shape
-        features = L.scale_gradient(features, config.feature_grad_mult)
-        penalty = L.feature_penalty(features, padding)
-
-        projection = self.wav2vec2.encoder.feature_projection
-        normed = projection.layer_norm(features)
-        unmasked = self.target_dropout(normed)
-        x = projection.dropout(projection.projection(normed))
-
-        if frame_lengths is None:
-            frame_lengths = torch.full((batch,), num_frames, dtype=torch.long, device=features.device)
+        batch, num_samples = waveforms.shape if waveforms.dim() == 2 else (0, 0)
+        num_frames = self.num_frames(num_samples)
+        if lengths is None:
+            frame_lengths = torch.full((batch,), num_frames, dtype=torch.long)
+        else:
+            frame_lengths = self.frame_lengths(lengths.cpu())
         mask = span_mask(
             frame_lengths,
             num_frames,
@@ -216,9 +273,12 @@ class Wav2Vec2Pretrainer(nn.Module):
             mask_length=config.mask_length,
             min_masks=config.min_masks,
             generator=generator,
-        ).to(features.device)
-        x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
-        x = self._contextualize(x, padding)
+        ).to(waveforms.device)
+        output, features, _, padding = self._run_encoder(waveforms, lengths, mask)
+        penalty = L.feature_penalty(features, padding)
+        normed = output.extract_features
+        unmasked = self.target_dropout(normed)
+        x = output.last_hidden_state
 
         quantized = self.quantizer(self.quantizer_input(unmasked[mask]))
         targets = self.project_q(quantized.quantized)
@@ -252,39 +312,24 @@ class Wav2Vec2Pretrainer(nn.Module):
         The quantizer runs in eval mode and without gradients here (hard argmax or nearest codes, whatever the
         module's mode); the rest runs in the module's current mode, so call ``model.eval()`` (and
         ``torch.no_grad()``) for features.
-        ``layers``: 0 is the Transformer's input, 1..num_layers the outputs of its layers.
+        ``layers``: transformers' ``hidden_states`` indices, 0 the Transformer's input, 1..num_layers its layers.
         """
         num_layers = self.config.num_layers
         for layer in layers:
             if not 0 <= layer <= num_layers:
                 raise ValueError(f"layer {layer} does not exist: choose layers in 0..{num_layers}")
-        features, frame_lengths, padding = self._features(waveforms, lengths)
-        codes = self._codes(self.wav2vec2.encoder.feature_projection.layer_norm(features), padding)
-        outputs: dict[int, Tensor] = {}
-        if layers:
-            x = self.wav2vec2.encoder.feature_projection(features)
-            if 0 in layers:
-                outputs[0] = x.masked_fill(padding[..., None], 0.0)
-            deepest = max(layers)
-            if deepest > 0:
-                hidden = self._contextualize(x, padding, num_layers=deepest)
-                outputs.update({layer: hidden[layer - 1] for layer in layers if layer > 0})
+        output, features, frame_lengths, padding = self._run_encoder(
+            waveforms, lengths, None, hidden_states=bool(layers)
+        )
+        codes = self._codes(output.extract_features, padding)
+        hidden = output.hidden_states
         return EncoderOutput(
             codes=codes,
-            layers={layer: outputs[layer] for layer in layers},
+            layers={layer: hidden[layer].masked_fill(padding[..., None], 0.0) for layer in layers},
             cnn_features=features,
             padding_mask=padding,
             lengths=frame_lengths,
         )
-
-
-def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
 
 
 @contextlib.contextmanager
@@ -295,6 +340,62 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints of the torchaudio-based encoder (simplexvq_recipes before the transformers encoder)
+# --------------------------------------------------------------------------------------------------------------
+
+_TORCHAUDIO_PREFIXES = (
+    ("wav2vec2.encoder.feature_projection.", "wav2vec2.feature_projection."),
+    ("wav2vec2.encoder.transformer.", "wav2vec2.encoder."),
+)
+_TORCHAUDIO_WEIGHT_NORM = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
+
+
+def is_torchaudio_layout(state: Mapping[str, Any]) -> bool:
+    """Whether a pretrainer ``state_dict`` was written with torchaudio's encoder (``mask_embedding`` at the top,
+    the Transformer under ``wav2vec2.encoder.transformer``)."""
+    return "mask_embedding" in state or any(name.startswith("wav2vec2.encoder.transformer.") for name in state)
+
+
+def convert_torchaudio_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A pretrainer ``state_dict`` of the torchaudio-based encoder under this model's names (the same tensors).
+
+    torchaudio's and transformers' wav2vec 2.0 share their module names below the two containers that differ
+    (``encoder.feature_projection`` -> ``feature_projection``, ``encoder.transformer`` -> ``encoder``); the mask
+    embedding moves into the encoder (``masked_spec_embed``); an old ``weight_g``/``weight_v`` weight norm becomes
+    the parametrization torch builds today."""
+    converted: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name == "mask_embedding":
+            name = "wav2vec2.masked_spec_embed"
+        for old, new in _TORCHAUDIO_PREFIXES:
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+                break
+        head, _, leaf = name.rpartition(".")
+        if "pos_conv_embed.conv" in head and leaf in _TORCHAUDIO_WEIGHT_NORM:
+            name = f"{head}.{_TORCHAUDIO_WEIGHT_NORM[leaf]}"
+        converted[name] = tensor
+    return converted
+
+
+def _refuse_torchaudio_layout(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Loading a torchaudio-layout checkpoint into the model directly (e.g. resuming an old run): one clear error
+    instead of a list of missing keys. :func:`load_pretrained` converts such weights; optimizer moments cannot be
+    carried over because the parameters are ordered differently."""
+    own = {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)}
+    if is_torchaudio_layout(own):
+        raise ValueError(
+            "these weights were written by the torchaudio-based encoder of an older simplexvq_recipes; "
+            "load_pretrained, extract_features and the exports read them (converted on load); to train on from "
+            "them, start a new run from load_pretrained's model (resuming the old run's optimizer state is not "
+            "supported)"
+        )
 
 
 def build_model(config: ModelConfig | PretrainConfig, num_processes: int = 1) -> Wav2Vec2Pretrainer:
@@ -331,7 +432,8 @@ def load_pretrained(
     """Rebuild the model of a recipe run and load its weights; returns ``(model, config)`` with the model in eval.
 
     ``path``: a run folder (its newest checkpoint is loaded) or one ``checkpoints/step_XXXXXXXX`` folder. The
-    config is the ``config.yaml`` the recipe wrote in the run folder.
+    config is the ``config.yaml`` the recipe wrote in the run folder. Weights of the torchaudio-based encoder
+    (older runs) are converted on load (:func:`convert_torchaudio_state_dict`).
     """
     run_dir, checkpoint = resolve_checkpoint(path)
     config_file = run_dir / CONFIG_FILE
@@ -342,6 +444,8 @@ def load_pretrained(
     weights = checkpoint / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: not a checkpoint written by the speech recipe")
-    device = str(map_location)
-    model.load_state_dict(load_file(str(weights), device=device))
+    state = load_file(str(weights), device=str(map_location))
+    if is_torchaudio_layout(state):
+        state = convert_torchaudio_state_dict(state)
+    model.load_state_dict(state)
     return model.to(map_location).eval(), config
