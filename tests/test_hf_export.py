@@ -1,9 +1,10 @@
 """Hugging Face export: transformers' Wav2Vec2Model loads the folder offline with the project's own hidden states.
 
-Both sources are tested: the Accelerate recipe's torchaudio-based pretrainer (through the command line on a run
-folder) and the fairseq2 ``wav2vec2_simplexvq`` family (in memory, and through the command line on a checkpoint
-that fairseq2's own checkpoint manager wrote). Tiny models with random weights are enough: the mapping is what is
-tested, on a padded batch that is not the export's own check signal.
+Both sources are tested: the Accelerate recipe's pretrainer, whose encoder is a transformers ``Wav2Vec2Model``
+(through the command line on a run folder), and the fairseq2 ``wav2vec2_simplexvq`` family (in memory, and
+through the command line on a checkpoint that fairseq2's own checkpoint manager wrote). Tiny models with random
+weights are enough: the mapping is what is tested, on a padded batch that is not the export's own check signal.
+The export's edges are tested too: where it refuses to write, a vision run, a poisoned fairseq2 checkpoint.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _recipe_model(**model_overrides) -> tuple[PretrainConfig, torch.nn.Module]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The Accelerate recipe (torchaudio)
+# The Accelerate recipe
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -155,19 +156,83 @@ def test_a_third_party_quantizer_is_exported_features_only(tmp_path):
 
 def test_a_failed_check_writes_nothing(tmp_path, monkeypatch):
     _, model = _recipe_model()
-    broken = hf_export.torchaudio_state_dict
+    reload = hf_export._reload
 
-    def swap_layers(wav2vec2, keys, mask_embedding=None):
-        state = broken(wav2vec2, keys, mask_embedding)
-        for suffix in ("weight", "bias"):
-            first = f"encoder.layers.0.feed_forward.output_dense.{suffix}"
-            second = f"encoder.layers.1.feed_forward.output_dense.{suffix}"
-            state[first], state[second] = state[second], state[first]
-        return state
+    def reload_damaged(folder):
+        loaded = reload(folder)
+        with torch.no_grad():
+            bias = loaded.encoder.layers[1].feed_forward.output_dense.bias
+            bias.add_(torch.linspace(-0.1, 0.1, bias.numel()))  # not a constant: the layer norm would remove that
+        return loaded
 
-    monkeypatch.setattr(hf_export, "torchaudio_state_dict", swap_layers)
+    monkeypatch.setattr(hf_export, "_reload", reload_damaged)
     with pytest.raises(RuntimeError, match="hidden states differ from the original's"):
         hf_export.export_recipe_model(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == []  # no staging folder left either
+
+
+def test_preprocessing_is_the_runs_sample_rate_and_normalisation(tmp_path):
+    config, model = _recipe_model()
+    config.data.sample_rate, config.data.normalize = 8000, True
+    _write_run(tmp_path / "run", config, model)
+    hf_export.main([str(tmp_path / "run"), str(tmp_path / "hf")])
+    preprocessor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert preprocessor.sampling_rate == 8000 and preprocessor.do_normalize
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("run/checkpoints/step_00000001", "is or lies inside the source"),
+        ("run", "holds the source"),
+        ("run/exports/hf", "is a run folder"),
+        (".", "holds the source"),
+        ("other_run/checkpoints/step_00000001", "is a checkpoint folder"),
+        ("other_run/hf", "is a run folder"),
+        ("runs", "holds a run folder"),
+    ],
+)
+def test_an_export_never_writes_into_a_run_or_checkpoint_folder(tmp_path, capsys, target, message):
+    config, model = _recipe_model()
+    _write_run(tmp_path / "run", config, model)
+    _write_run(tmp_path / "other_run", config, model)
+    _write_run(tmp_path / "runs" / "a", config, model)
+    before = _tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        hf_export.main([str(tmp_path / "run" / "checkpoints" / "step_00000001"), str(tmp_path / target)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert message in err and "refusing to export" in err and len(err.strip().splitlines()) == 1
+    assert _tree(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_re_exporting_into_an_export_folder_replaces_it(tmp_path):
+    _, model = _recipe_model()
+    hf_export.export_recipe_model(model, tmp_path / "hf")
+    model.quantizer = _ThirdPartyQuantizer(model.quantizer)
+    result = hf_export.export_recipe_model(model, tmp_path / "hf")
+    assert not result.quantizer and not (tmp_path / "hf" / hf_export.QUANTIZER_CONFIG).exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"hf"}
+
+
+def test_a_vision_run_is_refused_in_one_line(tmp_path, capsys):
+    from simplexvq_recipes.vision.config import VisionRecipeConfig
+
+    run = tmp_path / "vision_run"
+    checkpoint = run / CHECKPOINTS / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    (run / CONFIG_FILE).write_text(config_to_yaml(VisionRecipeConfig()))
+    save_file({"encoder.weight": torch.zeros(2, 2)}, str(checkpoint / WEIGHTS_FILE))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    with pytest.raises(SystemExit) as exit_info:
+        hf_export.main([str(run), str(tmp_path / "hf")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "is a run of the vision recipe" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "hf").exists()
 
 
@@ -246,8 +311,8 @@ def test_fairseq2_pre_norm_encoders_are_refused_with_a_reason(fairseq2_hub):
         hf_export.fairseq2_shape(config)
 
 
-def test_fairseq2_checkpoint_exports_from_the_command_line(tmp_path, fairseq2_hub):
-    """A checkpoint as fairseq2's trainer writes it, exported by the command line in a fresh process."""
+def _fairseq2_run(run_dir, resolver, hub):
+    """A run folder as fairseq2's trainer writes it (checkpoints/model.yaml, checkpoints/step_2/model/...)."""
     from fairseq2.checkpoint import ModelMetadataDumper, StandardCheckpointManager
     from fairseq2.device import CPU
     from fairseq2.file_system import FileSystem
@@ -257,9 +322,7 @@ def test_fairseq2_checkpoint_exports_from_the_command_line(tmp_path, fairseq2_hu
 
     from simplexvq.fairseq2_extension import SIMPLEXVQ_WAV2VEC2_FAMILY
 
-    resolver, hub = fairseq2_hub
     config, model = _fairseq2_model(hub)
-    run_dir = tmp_path / "fairseq2_run"
     manager = StandardCheckpointManager(
         run_dir,
         create_fake_gangs(CPU),
@@ -270,11 +333,21 @@ def test_fairseq2_checkpoint_exports_from_the_command_line(tmp_path, fairseq2_hu
     )
     manager.save_model_only(2, model, blocking=True)
     resolver.resolve(ModelMetadataDumper).dump(run_dir / "checkpoints", SIMPLEXVQ_WAV2VEC2_FAMILY, config)
+    return config, model
 
-    out = tmp_path / "hf"
+
+def _export_in_a_fresh_process(run_dir, out) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "simplexvq_recipes.speech.downstream.hf_export", str(run_dir), str(out)]
     env = {**os.environ, "FAIRSEQ2_EXTENSION_TRACE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_fairseq2_checkpoint_exports_from_the_command_line(tmp_path, fairseq2_hub):
+    """A checkpoint as fairseq2's trainer writes it, exported by the command line in a fresh process."""
+    resolver, hub = fairseq2_hub
+    run_dir, out = tmp_path / "fairseq2_run", tmp_path / "hf"
+    config, model = _fairseq2_run(run_dir, resolver, hub)
+    result = _export_in_a_fresh_process(run_dir, out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exported fairseq2 model" in result.stdout
 
@@ -284,10 +357,48 @@ def test_fairseq2_checkpoint_exports_from_the_command_line(tmp_path, fairseq2_hu
     assert hf_export.load_quantizer(out)[1].config == model.quantizer.core.config
 
 
-def test_importing_the_export_imports_neither_transformers_nor_fairseq2():
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_poisoned_fairseq2_checkpoint_never_runs_whatever_model_yaml_says(tmp_path, fairseq2_hub):
+    """``restrict: false`` in model.yaml would make fairseq2's own card loader unpickle freely; the export loads
+    with the restricted unpickler regardless and stops with one line naming the file."""
+    resolver, hub = fairseq2_hub
+    run_dir = tmp_path / "fairseq2_run"
+    _fairseq2_run(run_dir, resolver, hub)
+    shards = list((run_dir / "checkpoints").rglob("*.pt"))
+    assert shards
+    marker = tmp_path / "code_ran"
+    for shard in shards:
+        state = torch.load(shard, weights_only=True)
+        state["poison"] = _Payload(marker)
+        torch.save(state, shard)
+    with (run_dir / "checkpoints" / "model.yaml").open("a") as model_yaml:
+        model_yaml.write("restrict: false\n")
+    result = _export_in_a_fresh_process(run_dir, tmp_path / "hf")
+    assert not marker.exists(), "the checkpoint's payload ran"
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: refusing to load" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_importing_the_exports_and_the_model_imports_neither_transformers_nor_fairseq2_nor_torchaudio():
+    modules = [
+        "simplexvq_recipes.speech.downstream.hf_export",
+        "simplexvq_recipes.speech.downstream.export",
+        "simplexvq_recipes.speech.pretraining.model",
+        "simplexvq_recipes.speech.pretraining.config",
+    ]
     probe = (
-        "import sys, simplexvq_recipes.speech.downstream.hf_export\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'fairseq2'}))"
+        f"import sys, {', '.join(modules)}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'fairseq2', 'torchaudio'}))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

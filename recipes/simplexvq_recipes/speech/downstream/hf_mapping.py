@@ -1,8 +1,9 @@
-"""How each implementation's wav2vec 2.0 encoder maps onto ``transformers.Wav2Vec2Model``: its config and its
-parameter names, for torchaudio's model (the Accelerate speech recipe) and fairseq2's (the ``wav2vec2_simplexvq``
-family, or fairseq2's own ``wav2vec2``). Used by :mod:`simplexvq_recipes.speech.downstream.hf_export`.
+"""How fairseq2's wav2vec 2.0 encoder (the ``wav2vec2_simplexvq`` family, or fairseq2's own ``wav2vec2``) maps onto
+``transformers.Wav2Vec2Model``: its config and its parameter names. Used by
+:mod:`simplexvq_recipes.speech.downstream.hf_export` (the Accelerate recipe's encoder already is a
+``transformers.Wav2Vec2Model`` and needs no mapping).
 
-Importing this module imports neither ``transformers`` nor fairseq2; each is imported when needed.
+Importing this module imports neither ``transformers`` nor fairseq2 nor torchaudio; each is imported when needed.
 """
 
 from __future__ import annotations
@@ -83,59 +84,6 @@ def _with_positional_conv(state: dict[str, Tensor], hf_keys: Sequence[str], g: T
             state[key] = g
         elif key.endswith(("weight_v", "original1")):
             state[key] = v
-
-
-# --------------------------------------------------------------------------------------------------------------
-# torchaudio (the Accelerate recipe) -> Hugging Face
-# --------------------------------------------------------------------------------------------------------------
-
-
-def torchaudio_shape(wav2vec2: nn.Module) -> EncoderShape:
-    """The hyperparameters of a ``torchaudio.models.Wav2Vec2Model``, read from its modules."""
-    blocks = list(wav2vec2.feature_extractor.conv_layers)
-    norms = [type(block.layer_norm).__name__ if block.layer_norm is not None else None for block in blocks]
-    if norms[0] == "GroupNorm" and all(norm is None for norm in norms[1:]):
-        conv_norm = "group"
-    elif all(norm == "LayerNorm" for norm in norms):
-        conv_norm = "layer"
-    else:
-        raise ValueError(f"CNN normalisation {norms} has no Hugging Face counterpart (group norm first, or all layer)")
-    transformer = wav2vec2.encoder.transformer
-    layer = transformer.layers[0]
-    positional = transformer.pos_conv_embed.conv
-    return EncoderShape(
-        conv_layers=tuple(
-            (block.conv.out_channels, block.conv.kernel_size[0], block.conv.stride[0]) for block in blocks
-        ),
-        conv_bias=blocks[0].conv.bias is not None,
-        conv_norm=conv_norm,
-        hidden_size=wav2vec2.encoder.feature_projection.projection.out_features,
-        num_layers=len(transformer.layers),
-        num_heads=layer.attention.num_heads,
-        ffn_dim=layer.feed_forward.intermediate_dense.out_features,
-        pos_conv_kernel=positional.kernel_size[0],
-        pos_conv_groups=positional.groups,
-        layer_norm_first=bool(layer.layer_norm_first),  # torchaudio's Transformer stores the opposite flag
-    )
-
-
-def torchaudio_state_dict(
-    wav2vec2: nn.Module, hf_keys: Sequence[str], mask_embedding: Tensor | None = None
-) -> dict[str, Tensor]:
-    """The weights of a torchaudio ``Wav2Vec2Model`` under Hugging Face names (``mask_embedding``: the masked
-    frames' embedding, Hugging Face's ``masked_spec_embed``)."""
-    state: dict[str, Tensor] = {}
-    for name, tensor in wav2vec2.state_dict().items():
-        if "pos_conv_embed.conv.parametrizations" in name or re.search(r"pos_conv_embed\.conv\.weight_[gv]$", name):
-            continue  # weight-norm parts, added below under the target's names
-        name = name.replace("encoder.feature_projection.", "feature_projection.")
-        name = name.replace("encoder.transformer.", "encoder.")
-        state[name] = tensor
-    g, v = _weight_norm_parts(wav2vec2.encoder.transformer.pos_conv_embed.conv)
-    _with_positional_conv(state, hf_keys, g, v)
-    if mask_embedding is not None and "masked_spec_embed" in hf_keys:
-        state["masked_spec_embed"] = mask_embedding
-    return state
 
 
 # --------------------------------------------------------------------------------------------------------------
