@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from simplexvq_recipes.speech.downstream import hf_export
+from simplexvq_recipes.speech.downstream import export, hf_export
 from simplexvq_recipes.speech.pretraining.config import PretrainConfig, preset_path
 from simplexvq_recipes.speech.pretraining.model import CHECKPOINTS, CONFIG_FILE, WEIGHTS_FILE, build_model
 from simplexvq_recipes.training.config import config_to_yaml, load_config
@@ -420,3 +420,97 @@ def test_fairseq2_own_wav2vec2_exports_features_only(tmp_path, fairseq2_hub):
     waveforms, lengths = _batch(seed=17)
     expected = hf_export.fairseq2_hidden_states(model, waveforms, lengths)
     _assert_equal_hidden_states(expected, _load(tmp_path / "hf"), waveforms, lengths)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchaudio interop (optional: skipped where torchaudio does not load)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _torchaudio():
+    try:
+        import torchaudio
+    except (ImportError, OSError) as error:  # OSError: a torchaudio build that does not load beside this torch
+        pytest.skip(f"torchaudio does not load here: {error}")
+    return torchaudio
+
+
+@pytest.fixture
+def recipe_run(tmp_path):
+    config, model = _recipe_model()
+    _write_run(tmp_path / "run", config, model)
+    return tmp_path / "run", model
+
+
+def test_torchaudio_export_gives_torchaudios_model_with_the_runs_hidden_states(recipe_run, tmp_path, capsys):
+    torchaudio = _torchaudio()
+    run, model = recipe_run
+    out = export.main([str(run), str(tmp_path / "encoder.pt")])
+    assert "load_exported" in capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)  # plain tensors and Python values only
+    rebuilt = torchaudio.models.wav2vec2_model(**saved["hyperparameters"])
+    rebuilt.load_state_dict(saved["state_dict"])  # strict: every weight has a place, nothing is missing
+    loaded = export.load_exported(out)
+    assert type(loaded) is torchaudio.models.Wav2Vec2Model and not loaded.training
+    waveforms, lengths = _batch(seed=19)
+    expected = export.recipe_hidden_states(model, waveforms, lengths)
+    actual = export.torchaudio_hidden_states(loaded, waveforms, lengths)
+    frames = model.frame_lengths(lengths)
+    assert len(actual) == len(expected) == model.config.num_layers and frames[1] < actual[0].shape[1]
+    assert export.max_hidden_state_difference(expected, actual, frames) <= TOLERANCE
+
+
+def test_torchaudio_export_rejects_foreign_and_incomplete_files(recipe_run):
+    _torchaudio()
+    _, model = recipe_run
+    state = export.export_state(model)
+    with pytest.raises(ValueError, match="not an exported simplexvq encoder"):
+        export.build_exported({"format": "something else"})
+    broken = dict(state, state_dict={k: v for k, v in state["state_dict"].items() if "pos_conv" not in k})
+    with pytest.raises(RuntimeError, match="pos_conv"):
+        export.build_exported(broken)
+
+
+def test_torchscript_export_matches_the_run_and_leaves_the_model_intact(recipe_run, tmp_path, capsys):
+    _torchaudio()
+    run, model = recipe_run
+    keys = list(model.state_dict())
+    with pytest.raises(TypeError, match="expects a Wav2Vec2Pretrainer"):
+        export.script_encoder(model.wav2vec2)
+    export.main([str(run), str(tmp_path / "encoder.pt"), "--torchscript", str(tmp_path / "encoder.ts")])
+    assert "torch.jit.load" in capsys.readouterr().out
+    assert list(model.state_dict()) == keys
+    scripted = torch.jit.load(str(tmp_path / "encoder.ts"))
+    waveforms, lengths = _batch(seed=23)
+    expected = export.recipe_hidden_states(model, waveforms, lengths)
+    actual = export.torchaudio_hidden_states(scripted, waveforms, lengths)
+    assert export.max_hidden_state_difference(expected, actual, model.frame_lengths(lengths)) <= TOLERANCE
+
+
+def test_without_torchaudio_the_export_says_what_to_install(recipe_run, tmp_path, capsys, monkeypatch):
+    run, _ = recipe_run
+    monkeypatch.setitem(sys.modules, "torchaudio", None)  # import torchaudio raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(run), str(tmp_path / "encoder.pt")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "torchaudio is not installed or does not load beside torch" in err
+    major, minor = torch.__version__.split(".")[:2]
+    if (int(major), int(minor)) <= export.TORCHAUDIO_LAST_RELEASE:
+        assert f"pip install 'torchaudio=={major}.{minor}.*' beside torch {major}.{minor}" in err
+    assert not (tmp_path / "encoder.pt").exists()
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    assert "torchaudio's last release is 2.11 and has no build for torch 2.13" in export.torchaudio_install_hint()
+    assert "hf_export" in export.torchaudio_install_hint()
+    monkeypatch.setattr(torch, "__version__", "2.10.1+cu128")
+    assert export.torchaudio_install_hint() == "pip install 'torchaudio==2.10.*' beside torch 2.10"
+
+
+def test_torchaudio_export_never_writes_into_the_checkpoint(recipe_run, capsys):
+    run, _ = recipe_run
+    checkpoint = run / CHECKPOINTS / "step_00000001"
+    before = _tree(run)
+    with pytest.raises(SystemExit):
+        export.main([str(checkpoint), str(checkpoint / "encoder.pt")])
+    assert "refusing to export" in capsys.readouterr().err
+    assert _tree(run) == before

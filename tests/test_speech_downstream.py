@@ -1,4 +1,4 @@
-"""Downstream use of a pretrained speech model: feature extraction, torchaudio export and an ASR probe.
+"""Downstream use of a pretrained speech model: feature extraction and an ASR probe (the exports: test_hf_export.py).
 
 Everything runs on a real tiny model (the ``tiny`` preset, trained for a few steps here and saved in the layout
 ``load_pretrained`` reads) and on real synthetic speech from espeak-ng (skipped with the install command when the
@@ -7,7 +7,6 @@ binary is missing).
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import warnings
@@ -15,7 +14,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torchaudio
 from safetensors.torch import save_file
 
 from simplexvq_recipes.speech.data import synthetic
@@ -28,7 +26,6 @@ from simplexvq_recipes.speech.pretraining.model import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     build_model,
-    build_wav2vec2,
     load_pretrained,
 )
 from simplexvq_recipes.training.checkpoint import TRAINER_STATE
@@ -111,76 +108,6 @@ def test_synthetic_corpus_exact_transcripts_and_disjoint_sentences(corpus):
         assert 0.8 < seconds < 6.0 and float(waveform.abs().max()) > 0.05
         words = len(valid_text[index].split())
         assert 0.8 < words / seconds < 5.0, "a speaking rate of about 1.5-3.5 words per second"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# export to torchaudio
-
-
-def test_export_gives_a_plain_torchaudio_model_with_identical_features(tiny_run, tmp_path, corpus):
-    out = export.main([str(tiny_run), str(tmp_path / "encoder.pt")])
-    saved = torch.load(out, weights_only=True)  # plain tensors and Python values only
-    rebuilt = torchaudio.models.wav2vec2_model(**saved["hyperparameters"])
-    rebuilt.load_state_dict(saved["state_dict"])  # strict: every weight has a place, nothing is missing
-    loaded = export.load_exported(out)
-    assert type(loaded) is torchaudio.models.Wav2Vec2Model and not loaded.training
-
-    model, _ = load_pretrained(tiny_run)
-    waveforms, lengths = _speech_batch(corpus["valid"], 3)  # padded batch of real (synthetic) speech
-    with torch.no_grad():
-        expected, expected_lengths = model.wav2vec2.eval().extract_features(waveforms, lengths)
-        actual, actual_lengths = loaded.extract_features(waveforms, lengths)
-        encoded = model.encode(waveforms, lengths, layers=[1, 2])
-        final_ours, _ = model.wav2vec2(waveforms, lengths)
-        final_exported, _ = loaded(waveforms, lengths)
-    assert len(actual) == len(expected) == model.config.num_layers
-    for ours, theirs in zip(expected, actual, strict=True):
-        assert torch.equal(ours, theirs)
-    assert torch.equal(expected_lengths, actual_lengths)
-    assert torch.equal(final_ours, final_exported)
-    for layer in (1, 2):  # and torchaudio's features are the recipe's encoder features
-        valid = ~encoded.padding_mask
-        torch.testing.assert_close(actual[layer - 1][valid], encoded.layers[layer][valid], rtol=0, atol=1e-6)
-
-
-def test_export_check_signal_and_rejects_foreign_files(tiny_run, tmp_path):
-    model, _ = load_pretrained(tiny_run)
-    state = export.export_state(model)
-    rebuilt = export.build_exported(state)
-    assert export.max_feature_difference(model.wav2vec2.eval(), rebuilt, export.check_signal()) == 0.0
-    with pytest.raises(ValueError, match="not an exported simplexvq encoder"):
-        export.build_exported({"format": "something else"})
-    broken = dict(state, state_dict={k: v for k, v in state["state_dict"].items() if "pos_conv" not in k})
-    with pytest.raises(RuntimeError, match="pos_conv"):
-        export.build_exported(broken)
-
-
-def test_torchscript_export_leaves_the_live_model_loadable(tiny_run, tmp_path, capsys):
-    model, config = load_pretrained(tiny_run)
-    keys = set(model.wav2vec2.state_dict())
-    plain, copied = build_wav2vec2(config.model), build_wav2vec2(config.model)
-    torch.jit.script(copy.deepcopy(copied))
-    torch.jit.script(plain)  # the case guarded here: scripting renames the weight-normed convolution in place
-    assert set(plain.state_dict()) != keys
-    with pytest.raises(AttributeError, match="weight"):  # and scripting a deep copy breaks the original
-        copied(export.check_signal())
-
-    scripted = export.script_encoder(model)
-    assert set(model.wav2vec2.state_dict()) == keys
-    build_wav2vec2(config.model).load_state_dict(model.wav2vec2.state_dict())  # strict: the live model is intact
-    assert export.max_feature_difference(model.wav2vec2.eval(), scripted, export.check_signal()) < 1e-5
-
-    out = export.main([str(tiny_run), str(tmp_path / "encoder.pt"), "--torchscript", str(tmp_path / "encoder.ts")])
-    assert "torch.jit.load" in capsys.readouterr().out and out.is_file()
-    loaded = torch.jit.load(str(tmp_path / "encoder.ts"))
-    waveforms = export.check_signal(20000, seed=5)
-    with torch.no_grad():
-        expected, _ = model.wav2vec2.extract_features(waveforms)
-        actual, _ = loaded.extract_features(waveforms)
-    for ours, theirs in zip(expected, actual, strict=True):
-        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
-    with pytest.raises(TypeError, match="expects a Wav2Vec2Pretrainer"):
-        export.script_encoder(model.wav2vec2)
 
 
 # ------------------------------------------------------------------------------------------------------------------
