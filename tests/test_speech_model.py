@@ -53,6 +53,7 @@ def micro_config(**quantizer) -> ModelConfig:
         pos_conv_kernel=8,
         pos_conv_groups=2,
         final_dim=16,
+        layer_drop=0.0,  # every layer runs: gradients reach every parameter whatever the RNG
         num_negatives=10,
         codebook_dim=8,
         quantizer=QuantizerSpec(**{"method": "softmax-knn_ce", "codebook_size": 8, "knn_k": 2, **quantizer}),

@@ -202,8 +202,11 @@ class Wav2Vec2Pretrainer(nn.Module):
     def enable_activation_checkpointing(self) -> None:
         """Recompute each Transformer layer's activations in the backward pass instead of keeping them (less
         memory, the same gradients: dropout is replayed with the saved RNG state), through transformers'
-        ``gradient_checkpointing_enable``. The parameters and the ``state_dict`` are unchanged."""
-        self.wav2vec2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` before transformers 5). The parameters
+        and the ``state_dict`` are unchanged."""
+        encoder = self.wav2vec2
+        enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         """Unpadded CNN frames of waveforms of ``lengths`` samples."""
