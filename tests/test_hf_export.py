@@ -517,3 +517,22 @@ def test_torchaudio_export_never_writes_into_the_checkpoint(recipe_run, capsys):
         export.main([str(checkpoint), str(checkpoint / "encoder.pt")])
     assert "refusing to export" in capsys.readouterr().err
     assert _tree(run) == before
+
+
+def test_output_folder_rules_for_fairseq2_runs_and_ordinary_folders(tmp_path):
+    fairseq2_checkpoints = tmp_path / "f2" / "checkpoints"
+    (fairseq2_checkpoints / "step_2" / "model").mkdir(parents=True)
+    (fairseq2_checkpoints / "model.yaml").write_text("model_family: wav2vec2\n")
+    for target, message in [
+        (fairseq2_checkpoints / "hf", "is a checkpoints folder"),
+        (fairseq2_checkpoints / "step_2" / "hf", "is a checkpoint folder"),
+        (tmp_path / "f2" / "hf", "is a run folder"),
+        (tmp_path / "f2" / "..", "holds a"),
+    ]:
+        with pytest.raises(export.ExportError, match=message):
+            export.check_output_folder(target)
+    ordinary = tmp_path / "exports" / "checkpoints" / "hf"  # a folder named checkpoints that holds no step_*
+    export.check_output_folder(ordinary)
+    export.check_output_folder(tmp_path / "exports")
+    export.check_output_folder(tmp_path / "file_export_beside_runs", refuse_holding=False)
+    export.check_output_folder(tmp_path, refuse_holding=False)  # a .pt file may sit next to a run folder

@@ -90,8 +90,8 @@ def _run_or_checkpoint_kind(folder: Path) -> str | None:
         (folder / "config.yaml").is_file() and any((folder / name).is_file() for name in run_files)
     ):
         return "a run folder"
-    if (folder / "model.yaml").is_file() or folder.name == "checkpoints":
-        return "a fairseq2 checkpoints folder"
+    if (folder / "model.yaml").is_file() or (folder.name == "checkpoints" and any(folder.glob("step_*"))):
+        return "a checkpoints folder"
     return None
 
 
