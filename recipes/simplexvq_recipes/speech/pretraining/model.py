@@ -137,7 +137,7 @@ def wav2vec2_config(config: ModelConfig) -> transformers.Wav2Vec2Config:
         mask_time_min_masks=config.min_masks,
         mask_feature_prob=0.0,
         num_codevector_groups=config.groups,
-        num_codevectors_per_group=config.codebook_size,
+        **({} if config.quantizer.codebook_size is None else {"num_codevectors_per_group": config.codebook_size}),
         codevector_dim=config.quantizer_dim,
         proj_codevector_dim=config.final_dim,
         num_negatives=config.num_negatives,
