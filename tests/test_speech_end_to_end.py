@@ -68,11 +68,14 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.skipif(os.environ.get("SIMPLEXVQ_EXPECT_INSTALLED") != "1", reason="only in the wheel environment")
-def test_the_command_lines_import_the_installed_wheel(tmp_path):
+def test_the_tests_and_the_command_lines_import_the_installed_wheel(tmp_path):
+    import simplexvq
+    import simplexvq_recipes
+
     probe = "import simplexvq, simplexvq_recipes; print(simplexvq.__file__); print(simplexvq_recipes.__file__)"
     result = _run("-c", probe, cwd=tmp_path)
     site = sysconfig.get_paths()["purelib"]
-    for path in result.stdout.split():
+    for path in [simplexvq.__file__, simplexvq_recipes.__file__, *result.stdout.split()]:
         assert path.startswith(site), f"{path} is not in {site}: the source tree is importable"
 
 
