@@ -107,7 +107,43 @@ def _cells(row: str) -> list[str]:
     return [cell.strip() for cell in row.strip("|").split("|")]
 
 
+CROSS_CPU_TOLERANCE = {"codes": 3, "perplexity": 0.25, "rmse": 0.10}
+"""How far a fresh run on another x86-64 CPU may land from the README's row (code use: codes of the 64, also
+for the per-block use; perplexity and rMSE: relative). Another CPU takes other vectorised code paths (ATen's
+AVX-512 / AVX2 / default kernels, MKL's), whose last-bit differences grow over 400 training steps. Measured on one
+CPU by forcing the other paths (default; ATEN_CPU_CAPABILITY=default; MKL_CBWR=COMPATIBLE) and against the README's
+row: ste-euclid moves only in rMSE (0.0851 / 0.0853), softmax-knn_ce by up to 2 codes of val use (93.8-96.9%),
+0.8 points of per-block use, 17% in perplexity (20.4-23.9) and 6% in rMSE (0.0995-0.1058). The tolerance is about
+1.5 times that spread: any CPU passes, while a collapse (ste-euclid: 19% val use) or a broken reconstruction (0.31)
+still fails."""
+
+
+def _beyond_cross_cpu_tolerance(quoted: list[str], fresh: list[str]) -> list[str]:
+    """The columns of a README row (cells) that a fresh run's row leaves the tolerance on."""
+    codes = 100.0 * CROSS_CPU_TOLERANCE["codes"] / 64
+    problems = [f"method {quoted[0]} != {fresh[0]}"] if quoted[0] != fresh[0] else []
+    for column in (1, 2, 3):  # train code use, val code use, val per-block use (percent)
+        if abs(float(quoted[column].rstrip("%")) - float(fresh[column].rstrip("%"))) > codes + 1e-9:
+            problems.append(f"column {column}: {quoted[column]} vs {fresh[column]} (more than {codes:.1f} points)")
+    for column, key in ((4, "perplexity"), (5, "rmse")):
+        if abs(float(quoted[column]) - float(fresh[column])) > CROSS_CPU_TOLERANCE[key] * float(quoted[column]):
+            problems.append(f"{key}: {quoted[column]} vs {fresh[column]} (more than {CROSS_CPU_TOLERANCE[key]:.0%})")
+    return problems
+
+
+def test_cross_cpu_tolerance_passes_the_measured_spread_and_fails_a_collapse():
+    readme_knn = ["softmax-knn_ce", "100.0%", "95.3%", "24.5%", "23.9", "0.0998"]
+    for other_cpu in (["100.0%", "96.9%", "24.7%", "20.4", "0.1058"], ["100.0%", "93.8%", "23.9%", "21.7", "0.0995"]):
+        assert _beyond_cross_cpu_tolerance(readme_knn, ["softmax-knn_ce", *other_cpu]) == []
+    collapsed = ["softmax-knn_ce", "20.3%", "18.8%", "6.3%", "5.5", "0.0998"]
+    assert len(_beyond_cross_cpu_tolerance(readme_knn, collapsed)) == 4
+    assert _beyond_cross_cpu_tolerance(readme_knn, [*readme_knn[:5], "0.3107"]) == [
+        "rmse: 0.0998 vs 0.3107 (more than 10%)"
+    ]
+
+
 def test_readme_demo_table_is_what_a_fresh_run_prints():
+    """Two rows (a collapsing and a KNN one) of a fresh run match the README's within :data:`CROSS_CPU_TOLERANCE`."""
     table = readme_demo_table()
     rows = {_cells(row)[0]: row for row in table[2:]}
     assert list(rows) == list(patch_demo.TABLE1_METHODS), "the README lists every default method, in order"
@@ -115,14 +151,10 @@ def test_readme_demo_table_is_what_a_fresh_run_prints():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for method in ("ste-euclid", "softmax-knn_ce"):  # a collapsing and a KNN row
+        for method in ("ste-euclid", "softmax-knn_ce"):
             fresh = patch_demo.train_and_evaluate(patch_demo.DemoConfig(method=method), data)
             expected = _cells(patch_demo.format_table([fresh], 64).splitlines()[2])
-            quoted = _cells(rows[method])
-            assert quoted[:4] == expected[:4], f"README row {method}: {quoted} but a fresh run gives {expected}"
-            # perplexity and rMSE: equal up to the last printed digit (threads may change the float sums slightly)
-            assert (
-                abs(float(quoted[4]) - float(expected[4])) <= 0.1 and abs(float(quoted[5]) - float(expected[5])) <= 1e-4
-            )
+            problems = _beyond_cross_cpu_tolerance(_cells(rows[method]), expected)
+            assert not problems, f"README row {method} vs a fresh run {expected}: {problems}"
     finally:
         torch.set_num_threads(threads)

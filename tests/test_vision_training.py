@@ -29,7 +29,7 @@ CONFIG = Path(__file__).parents[1] / "recipes" / "simplexvq_recipes" / "configs"
 STEPS = 100
 # A narrow 64x64xC-style model (reduction 4) on 16x16 photo tiles: 4x4 latent pixels of 8 channels, 32 codes.
 SMALL = [
-    f"--config={CONFIG}",
+    "--preset=photos_demo",  # packaged with the recipe (CONFIG is the same file in the source tree)
     "model.quantizer.method=softmax-knn_ce",
     "model.stem_channels=32",
     "model.channels=[32,16,8]",

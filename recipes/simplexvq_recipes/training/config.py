@@ -8,6 +8,7 @@ old name is an error naming the new one.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,16 +79,24 @@ def config_to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def config_keys(config_class: type) -> list[str]:
-    """``key = default`` lines of every setting of ``config_class`` (for ``--help``)."""
-    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(config_class)))
+def config_keys(config: Any) -> list[str]:
+    """``key = value`` lines of every setting of ``config`` (a config class: its defaults; an instance: its values)
+    for ``--help``."""
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(config)))
     return [f"  {key} = {value if value is not None else 'null'}" for key, value in defaults.items()]
 
 
-def recipe_parser(config_class: type, description: str | None = None) -> argparse.ArgumentParser:
-    """A parser whose ``--help`` lists every key of ``config_class`` with its default; add the recipe's options,
-    then :func:`add_overrides`."""
-    epilog = "settings (key = default; change any with key=value):\n" + "\n".join(config_keys(config_class))
+def recipe_parser(
+    config_class: type, description: str | None = None, shown: Any = None, shown_source: str | None = None
+) -> argparse.ArgumentParser:
+    """A parser whose ``--help`` lists every key of ``config_class`` with its default (or with its value in
+    ``shown``, a loaded config, labelled by ``shown_source``); add the recipe's options, then :func:`add_overrides`."""
+    if shown is None:
+        epilog = "settings (key = default; change any with key=value):\n" + "\n".join(config_keys(config_class))
+    else:
+        epilog = f"settings (key = value with {shown_source}; change any with key=value):\n" + "\n".join(
+            config_keys(shown)
+        )
     renamed = renamed_keys(config_class)
     if renamed:
         lines = [f"  {old} -> {new}" for old, new in renamed.items()]
@@ -103,10 +112,35 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value settings applied after the YAML file")
 
 
-def parse_recipe_args(config_class: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """``--config file.yaml key=value ...`` -> a config instance."""
-    parser = recipe_parser(config_class, description)
-    parser.add_argument("--config", type=Path, help="YAML file with the settings to change from the defaults")
+HELP_FLAGS = ("-h", "--help")
+
+
+def parse_recipe_args(
+    config_class: type[T],
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+    presets: Mapping[str, Path] | None = None,
+) -> T:
+    """``[--preset NAME | --config FILE] key=value ...`` -> a config instance. ``presets`` maps the names that
+    ``--preset`` accepts to their packaged YAML files. ``--help`` after a preset or file lists that source's values."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    source_parser = argparse.ArgumentParser(add_help=False)
+    _add_sources(source_parser, presets)
+    known, _ = source_parser.parse_known_args([a for a in arguments if a not in HELP_FLAGS])
+    path = presets[known.preset] if presets and getattr(known, "preset", None) else known.config
+    shown, shown_source = None, None
+    if path is not None and any(flag in arguments for flag in HELP_FLAGS):
+        shown = load_config(config_class, path)
+        shown_source = f"--preset {known.preset}" if getattr(known, "preset", None) else f"--config {path}"
+    parser = recipe_parser(config_class, description, shown, shown_source)
+    _add_sources(parser, presets)
     add_overrides(parser)
-    args = parser.parse_args(argv)
-    return load_config(config_class, args.config, args.overrides)
+    args = parser.parse_args(arguments)
+    return load_config(config_class, path, args.overrides)
+
+
+def _add_sources(parser: argparse.ArgumentParser, presets: Mapping[str, Path] | None) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="YAML file with the settings to change from the defaults")
+    if presets:
+        source.add_argument("--preset", choices=sorted(presets), help="a packaged YAML preset")

@@ -37,7 +37,7 @@ from simplexvq_recipes.training.checkpoint import CheckpointManager, step_folder
 from simplexvq_recipes.training.config import config_to_dict, config_to_yaml
 from simplexvq_recipes.training.distributed import any_rank, check_launch, local_neighbours
 from simplexvq_recipes.training.resume import CONFIG_FILE, check_resume_config, record_changes
-from simplexvq_recipes.training.runlog import RunLog
+from simplexvq_recipes.training.runlog import RunLog, show_progress_bar
 from simplexvq_recipes.training.settings import RESUME_SAFE_KEYS, TrainingConfig
 from simplexvq_recipes.training.tracking import HISTORY_FILE, MetricHistory
 
@@ -258,7 +258,7 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
     progress = tqdm(
         total=total_steps,
         initial=step,
-        disable=not (settings.progress_bar and accelerator.is_local_main_process),
+        disable=not (show_progress_bar(settings.progress_bar) and accelerator.is_local_main_process),
         desc=task.name,
         dynamic_ncols=True,
     )
@@ -308,6 +308,7 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
                 timer = (now, step)
                 scalars = history.log(accelerator, step, metrics, prefix="train/")
                 progress.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.4f}")
+                log.interval(step, total_steps, scalars)
             if _due(step, settings.eval_every) or last:
                 final = validate()
             if _due(step, settings.checkpoint_every) or last:

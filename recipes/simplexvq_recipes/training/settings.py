@@ -74,7 +74,9 @@ class TrainingConfig:
     """``torch.compile`` the model for training (validation runs the plain module)."""
     activation_checkpointing: bool = False
     """Recompute the Transformer layers' activations in the backward pass (less memory, same gradients)."""
-    progress_bar: bool = True
+    progress_bar: bool | None = None
+    """A tqdm bar on stderr: ``null`` (default) only when stderr is a terminal, ``true`` always, ``false`` never.
+    Every ``log_every`` steps the training metrics also go to stdout and ``train.log`` as one line."""
     tensorboard: bool = True
     threads: int | None = None
     """``torch.set_num_threads`` per process (``None``: PyTorch's default)."""

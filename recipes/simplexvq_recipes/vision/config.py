@@ -1,12 +1,37 @@
-"""Configuration of the discrete-autoencoding recipe (section 4.1, appendix B.1); YAML presets in configs/vision/."""
+"""Configuration of the discrete-autoencoding recipe (section 4.1, appendix B.1); packaged YAML presets in
+``simplexvq_recipes/configs/vision/`` (``--preset NAME``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 
 from simplexvq_recipes.training.settings import LOOP_RENAMED_KEYS, TrainingConfig
 from simplexvq_vision import AutoencoderConfig
 from simplexvq_vision.data import BAD_IMAGE_POLICIES, NORMALIZATIONS
+
+PRESETS: tuple[str, ...] = (
+    "imagenet_16x16x32",
+    "imagenet_64x64x3",
+    "imagenet_64x64x32",
+    "photos_8x8x32",
+    "photos_demo",
+)
+"""The paper's three Table 3 architectures on ImageNet, and two CPU-sized runs on offline photographs."""
+
+
+def preset_path(name: str) -> Path:
+    """Path of a packaged YAML preset (installed with the package, so it works outside a source checkout)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown vision preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return Path(str(resources.files("simplexvq_recipes") / "configs" / "vision" / f"{name}.yaml"))
+
+
+def preset_paths() -> dict[str, Path]:
+    """``--preset`` name -> packaged YAML file."""
+    return {name: preset_path(name) for name in PRESETS}
+
 
 # Euclidean STE / rotation-trick baselines train with lr 5e-5 and no weight decay (B.1).
 EUCLIDEAN_HARD_METHODS: tuple[str, ...] = ("ste-euclid", "rotation-euclid")

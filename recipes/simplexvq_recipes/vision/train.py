@@ -1,9 +1,12 @@
 """Train a discrete image autoencoder (section 4.1) on the shared training loop: L2 reconstruction + the quantizer's
 auxiliary loss.
 
-    accelerate launch -m simplexvq_recipes.vision.train \\
-        --config recipes/simplexvq_recipes/configs/vision/imagenet_16x16x32.yaml \\
+    accelerate launch -m simplexvq_recipes.vision.train --preset imagenet_16x16x32 \\
         data.root=/data/imagenet model.quantizer.method=softmax-knn_ce training.output_dir=runs/16x16x32-knn_ce
+
+Packaged presets (``--preset``): ``imagenet_16x16x32``, ``imagenet_64x64x3`` and ``imagenet_64x64x32`` (the paper's
+Table 3), ``photos_8x8x32`` and ``photos_demo`` (CPU-sized, on offline photographs); ``--config FILE`` reads any
+YAML file instead, and ``key=value`` arguments change any setting.
 
 ``torchrun --nproc_per_node N -m simplexvq_recipes.vision.train ...`` runs N CPU processes (gloo) where there is no
 GPU. Writes under ``training.output_dir``: ``config.yaml``, ``train.log``, ``checkpoints/step_XXXXXXXX`` (atomic,
@@ -33,7 +36,7 @@ from simplexvq_recipes.training.loop import RunContext, StepOutput, TrainData, T
 from simplexvq_recipes.training.plots import plot_code_histogram, plot_code_usage
 from simplexvq_recipes.training.quantizers import recipe_spec
 from simplexvq_recipes.training.schedule import warmup_cosine_factor
-from simplexvq_recipes.vision.config import VisionRecipeConfig
+from simplexvq_recipes.vision.config import VisionRecipeConfig, preset_paths
 from simplexvq_recipes.vision.data import build_dataset, build_loader
 from simplexvq_recipes.vision.evaluation import evaluate
 from simplexvq_vision import AutoencoderConfig, DiscreteAutoencoder, Normalizer, reconstruction_grid
@@ -167,7 +170,7 @@ class ImageAutoencoding(TrainingTask):
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config = parse_recipe_args(VisionRecipeConfig, argv, description=__doc__)
+    config = parse_recipe_args(VisionRecipeConfig, argv, description=__doc__, presets=preset_paths())
     return run_training(ImageAutoencoding(config), config, config.training)
 
 

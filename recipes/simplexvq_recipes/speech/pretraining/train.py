@@ -29,7 +29,7 @@ from simplexvq_recipes.speech.pretraining.config import PRESETS, PretrainConfig,
 from simplexvq_recipes.speech.pretraining.evaluation import validate
 from simplexvq_recipes.speech.pretraining.model import PretrainOutput, Wav2Vec2Pretrainer, build_model
 from simplexvq_recipes.training.cli import run_cli
-from simplexvq_recipes.training.config import add_overrides, load_config, recipe_parser
+from simplexvq_recipes.training.config import parse_recipe_args
 from simplexvq_recipes.training.loop import (
     RunContext,
     StepOutput,
@@ -44,14 +44,8 @@ from simplexvq_recipes.training.schedule import warmup_cosine_factor
 
 def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
     """``[--preset NAME | --config FILE] key=value ...`` -> :class:`PretrainConfig`."""
-    parser = recipe_parser(PretrainConfig, __doc__)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", type=Path, help="YAML file with the settings to change from the defaults")
-    source.add_argument("--preset", choices=PRESETS, help="a packaged YAML preset")
-    add_overrides(parser)
-    args = parser.parse_args(argv)
-    path = preset_path(args.preset) if args.preset else args.config
-    return load_config(PretrainConfig, path, args.overrides)
+    presets = {name: preset_path(name) for name in PRESETS}
+    return parse_recipe_args(PretrainConfig, argv, __doc__, presets=presets)
 
 
 def check_config(config: PretrainConfig) -> None:
