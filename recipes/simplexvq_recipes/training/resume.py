@@ -41,8 +41,9 @@ CHANGES_FILE = "config_changes.json"
 
 
 def config_type(config: Any) -> str:
-    """The recipe a config belongs to, as recorded in checkpoints: its class's qualified name."""
-    return f"{type(config).__module__}.{type(config).__qualname__}"
+    """The recipe a config belongs to, as recorded in checkpoints: the name of its class (``PretrainConfig``,
+    ``VisionRecipeConfig``; not its module, which is ``__main__`` when a script defines it)."""
+    return type(config).__qualname__
 
 
 def resume_point(run_dir: str | Path, settings: TrainingConfig) -> Path | None:
@@ -127,8 +128,8 @@ def _check_recipe(checkpoint: Path, saved: dict[str, Any], source: Path, new: di
         written_by = None
     if written_by is not None and written_by != recipe:
         raise CheckpointError(
-            f"cannot resume from {checkpoint}: it was written by another recipe ({written_by}), not by this one "
-            f"({recipe}); give training.resume_from a checkpoint of this recipe"
+            f"cannot resume from {checkpoint}: it was written by another recipe (config {written_by}), not by this one "
+            f"(config {recipe}); give training.resume_from a checkpoint of this recipe"
         )
     if written_by is None and set(saved) != set(new):
         raise CheckpointError(

@@ -3,7 +3,8 @@
 Two runs started in one folder would interleave their checkpoints, prune each other's and overwrite each other's
 ``config.yaml`` and ``results.json``; the second is refused in one line naming the process that holds the folder.
 The kernel releases the lock when its process ends, however it ends (SIGKILL included), so a stale ``.lock`` file
-never blocks a later run. Only the main process locks (the other ranks of a multi-process run share its folder).
+never blocks a later run. Only the main process locks (the other ranks of a multi-process run share its folder). A run
+that created its folder and stops before writing anything into it (a refused setting) removes the folder again.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class RunFolderLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self.handle: int | None = None
+        self.created = False
 
     def acquire(self) -> None:
+        self.created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -56,7 +59,14 @@ class RunFolderLock:
         self.handle = handle
 
     def release(self) -> None:
-        if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            os.close(self.handle)
-            self.handle = None
+        if self.handle is None:
+            return
+        try:
+            if self.created and [path.name for path in self.run_dir.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()  # still locked: a run starting now fails to lock rather than lock a removed file
+                self.run_dir.rmdir()
+        except OSError:
+            pass  # the folder stays; the lock is released below either way
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        os.close(self.handle)
+        self.handle = None
