@@ -35,6 +35,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from bounded_run import run_bounded  # noqa: E402
+
 pytestmark = pytest.mark.slow  # end-to-end runs of the recipes
 
 CORPUS_SCRIPT = Path(__file__).parent / "scripts" / "speech_corpus.py"
@@ -436,7 +439,7 @@ def test_speech_every_training_file_unreadable_stops_instead_of_looping(world, t
     run = tmp_path / "run"
     command = [sys.executable, "-m", SPEECH_TRAIN, *speech_args(broken, run, "training.steps=2", "data.on_error=skip")]
     try:
-        result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=150)
+        result = run_bounded(command, env=ENV, timeout=150)
     except subprocess.TimeoutExpired:
         pytest.fail("a run whose every batch is skipped loops forever")
     assert_one_line_error(Outcome(result.returncode, result.stdout, result.stderr), "ended without an optimizer step")

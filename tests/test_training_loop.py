@@ -26,6 +26,7 @@ from simplexvq_recipes.training.schedule import warmup_cosine_factor
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import toy_task  # noqa: E402
+from bounded_run import run_bounded  # noqa: E402
 
 QUIET = ["training.progress_bar=false", "training.tensorboard=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SCRIPTS), *sys.path])}
@@ -273,7 +274,7 @@ def _torchrun(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.
         *QUIET,
         *overrides,
     ]
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
+    return run_bounded(command, env=ENV, timeout=timeout)  # a hang kills torchrun's workers too
 
 
 def test_two_processes_with_uneven_training_and_validation_data(tmp_path):
@@ -427,10 +428,8 @@ def test_an_epoch_that_cannot_fill_one_optimizer_step_stops_before_training(tmp_
     """grad_accumulation=7 with 3 batches per epoch never reached a step: the run looped over epochs forever."""
     command = [sys.executable, str(SCRIPTS / "toy_task.py"), f"training.output_dir={tmp_path / 'run'}", *QUIET]
     try:
-        result = subprocess.run(
+        result = run_bounded(
             [*command, "toy.batches=3", "training.grad_accumulation=7", "training.steps=2"],
-            capture_output=True,
-            text=True,
             env=ENV,
             timeout=120,
         )

@@ -25,6 +25,9 @@ from simplexvq_recipes.vision.photos import PhotoTiles
 from simplexvq_recipes.vision.table import paper_label, table1_markdown
 from simplexvq_vision import PRESETS
 
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from bounded_run import run_bounded  # noqa: E402
+
 CONFIG = Path(__file__).parents[1] / "recipes" / "simplexvq_recipes" / "configs" / "vision" / "photos_demo.yaml"
 STEPS = 100
 # A narrow 64x64xC-style model (reduction 4) on 16x16 photo tiles: 4x4 latent pixels of 8 channels, 32 codes.
@@ -293,7 +296,7 @@ def test_fewer_images_than_one_batch_per_process_stop_before_training(tmp_path, 
         f"training.output_dir={run}",
     ]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=150)
+        result = run_bounded(command, env=_environment(), timeout=150)  # a hang kills torchrun's workers too
     except subprocess.TimeoutExpired:
         pytest.fail(f"{processes} process(es) hang on a training set smaller than one batch per process")
     assert result.returncode != 0
