@@ -9,8 +9,8 @@ A checkpoint is a folder ``step_XXXXXXXX`` holding:
 * ``rng_<rank>.safetensors`` + ``rng_<rank>.json``: every rank's torch (CPU and CUDA), NumPy and Python RNG states;
 * ``trainer_state.json``: step, position in the data, metric history, training seconds, and ``recipe`` (the
   config class of the run, so that another recipe's checkpoint is refused by name);
-* ``config.yaml``: the whole config the run was trained with (what every resume compares the new config with, and
-  what tools read where the run folder's ``config.yaml`` is gone or newer);
+* ``config.yaml``: the whole config the run was trained with (what every resume compares the new config with; a
+  checkpoint copied out of its run folder still says what it was trained with);
 * ``manifest.json``: the size of every other file, written last.
 
 Nothing is unpickled with code execution, unlike Accelerate's ``save_state`` (whose registered custom objects are
@@ -31,6 +31,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +302,7 @@ def step_number(path: str | Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def set_aside_newer(directory: str | Path, resumed: str | Path, run_files: list[Path] = ()) -> Path | None:
+def set_aside_newer(directory: str | Path, resumed: str | Path, run_files: Sequence[Path] = ()) -> Path | None:
     """Move the checkpoints under ``directory`` that a resume from ``resumed`` abandons into
     ``directory/abandoned-<UTC time>/``; returns that folder, or ``None`` when nothing was moved.
 
