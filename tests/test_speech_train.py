@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from simplexvq_recipes.speech.data.audio import AudioReadError
 from simplexvq_recipes.speech.data.manifest import ManifestEntry, read_manifest, write_manifest
 from simplexvq_recipes.speech.pretraining import train as train_module
-from simplexvq_recipes.speech.pretraining.model import load_pretrained
+from simplexvq_recipes.speech.pretraining.model import load_pretrained, resolve_checkpoint
 from simplexvq_recipes.training.checkpoint import latest_complete
 
 CORPUS = Path(__file__).parent / "scripts" / "speech_corpus.py"
@@ -291,3 +291,29 @@ def test_unreadable_files_are_skipped_with_a_warning_when_configured(corpus, tmp
     assert "bad1.wav" in result.stderr and "bad2.flac" in result.stderr
     assert "batch skipped" in result.stderr
     assert json.loads((run_dir / "results.json").read_text())["step"] == 16
+
+
+@pytest.fixture(scope="module")
+def corpus_of_12(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("speech_corpus", CORPUS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_corpus(tmp_path_factory.mktemp("speech12") / "corpus", num_train=12, num_valid=4)
+
+
+def test_resume_from_an_older_step_leaves_no_checkpoint_newer_than_the_results(corpus_of_12, tmp_path):
+    """The issue's reproduction: steps=10 keep_last=3, then steps=9 keep_last=1 resume_from=step_00000006 left only
+    the abandoned run's step_00000010 (what a resume or an export then picked) beside results.json saying step 9."""
+    run = tmp_path / "run"
+    common = [*FAST, f"data.manifest_dir={corpus_of_12}", f"training.output_dir={run}", "training.eval_every=0"]
+    common += ["training.checkpoint_every=2", "training.tensorboard=false"]
+    train_module.main([*common, "training.steps=10", "training.keep_last=3"])
+    step_6 = run / "checkpoints" / "step_00000006"
+    results = train_module.main([*common, "training.steps=9", "training.keep_last=1", f"training.resume_from={step_6}"])
+    assert results["step"] == 9 == json.loads((run / "results.json").read_text())["step"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000009"]
+    assert latest_complete(run / "checkpoints").name == "step_00000009"  # what a plain resume continues from
+    assert resolve_checkpoint(run)[1].name == "step_00000009"  # what the exports read
+    (abandoned,) = (run / "checkpoints").glob("abandoned-*")
+    assert {"step_00000008", "step_00000010", "results.json"} <= {p.name for p in abandoned.iterdir()}
+    assert json.loads((abandoned / "results.json").read_text())["step"] == 10

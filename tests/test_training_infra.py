@@ -56,6 +56,41 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(RecipeConfig, tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("steps: [1\n", r"bad.yaml: not valid YAML \(did not find expected ',' or '\]' at line 2, column 1\); fix"),
+        (
+            "optim:\n  lr: 1\n   betas: 2\n",
+            r"bad.yaml: not valid YAML \(mapping values are not allowed .*at line 3, column",
+        ),
+        ("- steps\n- 3\n", r"bad.yaml: the file is a list; a config file maps keys to values"),
+        ("steps: many\n", r"invalid RecipeConfig setting from .*bad.yaml: Value 'many' .* \(key steps\)$"),
+    ],
+)
+def test_a_malformed_config_file_is_one_line_naming_the_file(tmp_path, text, expected):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ValueError, match=expected) as error:
+        load_config(RecipeConfig, tmp_path / "bad.yaml")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("steps=[", r"command line: the value of 'steps=\[' is not valid YAML \(did not find expected node content\)"),
+        ("optim.betas=[1,2", r"command line: the value of 'optim.betas=\[1,2' is not valid YAML"),
+        ("steps={a", r"command line: the value of 'steps=\{a' is not valid YAML"),
+        ("=3", r"override '=3' is not of the form key=value"),
+        ("optim.lr=fast", r"setting from command line \(optim.lr=fast\): Value 'fast' .* \(key optim.lr\)$"),
+    ],
+)
+def test_a_malformed_override_is_one_line_naming_it(override, expected):
+    with pytest.raises(ValueError, match=expected) as error:
+        load_config(RecipeConfig, overrides=["steps=3", override])
+    assert "\n" not in str(error.value)
+
+
 def test_warmup_cosine_matches_formula():
     factor = warmup_cosine_factor(warmup_steps=10, total_steps=110, final_ratio=0.01)
     assert factor(0) == 0.0 and factor(5) == pytest.approx(0.5) and factor(10) == pytest.approx(1.0)

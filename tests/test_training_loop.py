@@ -17,14 +17,16 @@ import torch
 from safetensors.torch import load_file
 
 from simplexvq_recipes.speech.pretraining.config import PretrainConfig
-from simplexvq_recipes.training.checkpoint import CheckpointError, checkpoint_problem, latest_complete
+from simplexvq_recipes.training.checkpoint import CheckpointError, checkpoint_problem, latest_complete, step_folders
 from simplexvq_recipes.training.config import load_config
-from simplexvq_recipes.training.loop import resolve_mixed_precision
+from simplexvq_recipes.training.loop import resolve_mixed_precision, run_training
+from simplexvq_recipes.training.runlock import RunFolderLock
 from simplexvq_recipes.training.schedule import warmup_cosine_factor
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import toy_task  # noqa: E402
+from bounded_run import run_bounded  # noqa: E402
 
 QUIET = ["training.progress_bar=false", "training.tensorboard=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SCRIPTS), *sys.path])}
@@ -260,7 +262,7 @@ def test_torch_compile_gives_the_eager_result(tmp_path):
         torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6)
 
 
-def _torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _torchrun(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -272,7 +274,7 @@ def _torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
         *QUIET,
         *overrides,
     ]
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    return run_bounded(command, env=ENV, timeout=timeout)  # a hang kills torchrun's workers too
 
 
 def test_two_processes_with_uneven_training_and_validation_data(tmp_path):
@@ -317,3 +319,179 @@ def test_mixed_precision_auto_is_bf16_on_gpus_that_support_it(monkeypatch):
         load_config(
             toy_task.ToyConfig, overrides=["training.steps=1", "training.mixed_precision=fp8"]
         ).training.validate()
+
+
+def _forget_embedded_config(checkpoint: Path) -> None:
+    """Make ``checkpoint`` look like one written before checkpoints carried their config.yaml."""
+    (checkpoint / "config.yaml").unlink()
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    del manifest["config.yaml"]
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_resume_from_into_a_new_folder_is_checked_against_the_checkpoints_config(tmp_path):
+    source = tmp_path / "source"
+    _toy(source, "training.steps=4", "training.checkpoint_every=2")
+    checkpoint = source / "checkpoints" / "step_00000002"
+    assert "lr: 0.01" in (checkpoint / "config.yaml").read_text()  # every checkpoint carries its config
+    fresh = tmp_path / "fresh"
+    resume_from = f"training.resume_from={checkpoint}"
+    with pytest.raises(ValueError, match=r"toy\.lr: 0\.01 \(checkpoint\) -> 0\.05 \(now\)") as error:
+        _toy(fresh, "training.steps=4", "toy.lr=0.05", "toy.quantizer.knn_k=3", resume_from)
+    assert "toy.quantizer.knn_k: 2 (checkpoint) -> 3 (now)" in str(error.value)
+    assert not fresh.exists()  # refused before anything was written
+    # the allowed changes apply and are recorded in the new folder, with the step they were applied at
+    assert _toy(fresh, "training.steps=6", resume_from)["step"] == 6
+    changes = json.loads((fresh / "config_changes.json").read_text())
+    assert [record["step"] for record in changes] == [2]
+    assert changes[0]["changes"]["training.steps"] == {"old": 4, "new": 6}
+    assert changes[0]["changes"]["training.output_dir"] == {"old": str(source), "new": str(fresh)}
+    assert sorted(p.name for p in (source / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_a_run_folder_without_its_config_yaml_is_still_checked(tmp_path):
+    run = tmp_path / "run"
+    _toy(run, "training.steps=2", "training.checkpoint_every=2")
+    (run / "config.yaml").unlink()
+    with pytest.raises(ValueError, match=r"toy\.lr: 0\.01 \(checkpoint\) -> 0\.5 \(now\)"):
+        _toy(run, "training.steps=4", "toy.lr=0.5")
+    assert not (run / "config.yaml").exists()
+
+
+def test_old_checkpoints_without_their_config_fall_back_to_the_run_folders_or_are_refused(tmp_path):
+    run = tmp_path / "run"
+    _toy(run, "training.steps=2", "training.checkpoint_every=2")
+    checkpoint = run / "checkpoints" / "step_00000002"
+    _forget_embedded_config(checkpoint)
+    assert checkpoint_problem(checkpoint) is None
+    with pytest.raises(ValueError, match=r"run/config.yaml\):\n  toy\.lr: 0\.01 \(checkpoint\)"):
+        _toy(run, "training.steps=4", "toy.lr=0.5")
+    (run / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="holds no config.yaml .* put the run's config.yaml back into"):
+        _toy(run, "training.steps=4")
+    assert not (run / "config.yaml").exists()
+
+
+def test_resume_from_an_older_step_moves_the_abandoned_later_run_aside(tmp_path):
+    """The issue's reproduction on the toy task: steps=10 keep_last=3, then steps=9 keep_last=1 from step 6."""
+    run = tmp_path / "run"
+    _toy(run, "training.steps=10", "training.checkpoint_every=2", "training.keep_last=3")
+    step_6 = run / "checkpoints" / "step_00000006"
+    results = _toy(
+        run, "training.steps=9", "training.checkpoint_every=2", "training.keep_last=1", f"training.resume_from={step_6}"
+    )
+    assert results["step"] == 9 and json.loads((run / "results.json").read_text())["step"] == 9
+    assert [p.name for p in step_folders(run / "checkpoints")] == ["step_00000009"]
+    assert latest_complete(run / "checkpoints").name == "step_00000009"  # what a resume or an export picks
+    (abandoned,) = (run / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in abandoned.iterdir()) == [
+        "history.json",
+        "results.json",
+        "step_00000008",
+        "step_00000010",
+    ]
+    assert json.loads((abandoned / "results.json").read_text())["step"] == 10
+    assert "moved what the abandoned later run left" in (run / "train.log").read_text()
+
+
+def test_the_checkpoint_resumed_from_stays_until_a_newer_one_is_written(tmp_path):
+    """Killed right after resuming from step 6 (of a run that reached step 10): step 6 is still there and is what the
+    next plain resume continues from; the abandoned steps 8 and 10 are out of the way."""
+    run = tmp_path / "run"
+    _toy(run, "training.steps=10", "training.checkpoint_every=2", "training.keep_last=3")
+    step_6 = run / "checkpoints" / "step_00000006"
+    command = [sys.executable, str(SCRIPTS / "toy_task.py"), f"training.output_dir={run}", *QUIET]
+    killed = subprocess.run(
+        [
+            *command,
+            "training.steps=9",
+            "training.checkpoint_every=2",
+            "training.keep_last=1",
+            f"training.resume_from={step_6}",
+            "toy.kill_after_step=7",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [p.name for p in step_folders(run / "checkpoints")] == ["step_00000006"]
+    assert not (run / "results.json").exists()  # the abandoned run's results moved aside with its checkpoints
+    resumed = _toy(run, "training.steps=9", "training.checkpoint_every=2", "training.keep_last=1")
+    assert resumed["step"] == 9
+    resumes = [line for line in (run / "train.log").read_text().splitlines() if "resumed from" in line]
+    assert resumes[-1].endswith("step_00000006 at step 6")
+
+
+def test_an_epoch_that_cannot_fill_one_optimizer_step_stops_before_training(tmp_path):
+    """grad_accumulation=7 with 3 batches per epoch never reached a step: the run looped over epochs forever."""
+    command = [sys.executable, str(SCRIPTS / "toy_task.py"), f"training.output_dir={tmp_path / 'run'}", *QUIET]
+    try:
+        result = run_bounded(
+            [*command, "toy.batches=3", "training.grad_accumulation=7", "training.steps=2"],
+            env=ENV,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hangs when one epoch cannot fill an optimizer step")
+    assert result.returncode != 0
+    assert "one epoch gives 3 batch(es) per process, fewer than the training.grad_accumulation=7" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+    with pytest.raises(ValueError, match="the training set gives no batch per process"):
+        _toy(tmp_path / "empty", "toy.batches=0", "training.steps=2")
+
+
+def test_an_epoch_that_cannot_fill_one_optimizer_step_stops_two_processes(tmp_path):
+    try:
+        result = _torchrun(
+            tmp_path / "run", "toy.batches=3", "training.grad_accumulation=7", "training.steps=2", timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("two processes hang when one epoch cannot fill an optimizer step")
+    assert result.returncode != 0
+    assert "one epoch gives 3 batch(es) per process, fewer than the training.grad_accumulation=7" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+class _EmptyBatches(toy_task.ToyTask):
+    """A task whose every batch held only unreadable files (skipped)."""
+
+    skip_empty_batches = True
+
+    def batch_is_empty(self, batch) -> bool:
+        return True
+
+
+def test_an_epoch_whose_batches_are_all_skipped_stops_instead_of_looping(tmp_path):
+    config = load_config(
+        toy_task.ToyConfig,
+        overrides=[
+            f"training.output_dir={tmp_path / 'run'}",
+            *QUIET,
+            "training.steps=2",
+            "training.eval_at_start=false",
+        ],
+    )
+    with (
+        pytest.warns(UserWarning, match="batch skipped"),
+        pytest.raises(ValueError, match="epoch 0 ended without an optimizer step: 5 of its 5"),
+    ):
+        run_training(_EmptyBatches(config), config, config.training)
+
+
+def test_a_second_run_in_a_busy_run_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    _toy(run, "training.steps=2", "training.checkpoint_every=2")
+    holder = RunFolderLock(run)
+    holder.acquire()  # what a run training in this folder holds
+    try:
+        before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+        with pytest.raises(
+            ValueError, match=r"another run is training in .*run \(process \d+ on .*\); wait until it ends"
+        ):
+            _toy(run, "training.steps=4")
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    finally:
+        holder.release()
+    assert _toy(run, "training.steps=4")["step"] == 4  # the lock goes with the run that held it

@@ -25,6 +25,9 @@ from simplexvq_recipes.vision.photos import PhotoTiles
 from simplexvq_recipes.vision.table import paper_label, table1_markdown
 from simplexvq_vision import PRESETS
 
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from bounded_run import run_bounded  # noqa: E402
+
 CONFIG = Path(__file__).parents[1] / "recipes" / "simplexvq_recipes" / "configs" / "vision" / "photos_demo.yaml"
 STEPS = 100
 # A narrow 64x64xC-style model (reduction 4) on 16x16 photo tiles: 4x4 latent pixels of 8 channels, 32 codes.
@@ -256,3 +259,48 @@ def test_a_short_evaluation_reads_only_the_images_it_evaluates():
     assert list(subset) == [0, 1, 2, 3] and data.num_workers == 1  # 1 batch of 2 on each of 2 processes
     config.eval.max_batches = 0
     assert evaluate_command.limited(images, config, 2) == (images, config.data)
+
+
+def _tiny_image_folder(root: Path, train_images: int, val_images: int = 2) -> Path:
+    """The ImageNet layout with a few 16x16 PNGs: root/train/cls/*.png, root/val/cls/*.png."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train_images), ("val", val_images)):
+        folder = root / split / "cls"
+        folder.mkdir(parents=True)
+        for index in range(count):
+            pixels = (torch.rand(16, 16, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_fewer_images_than_one_batch_per_process_stop_before_training(tmp_path, processes):
+    """3 training images, batches of 4 (whole batches only): no batch per epoch, so the run looped forever."""
+    root = _tiny_image_folder(tmp_path / "images", train_images=3 if processes == 1 else 5)
+    run = tmp_path / "run"
+    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [
+        *launcher,
+        *([] if processes == 1 else [f"--nproc_per_node={processes}"]),
+        "-m",
+        "simplexvq_recipes.vision.train",
+        *SMALL,
+        "data.dataset=imagenet",
+        f"data.root={root}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "training.steps=2",
+        "training.progress_bar=false",
+        f"training.output_dir={run}",
+    ]
+    try:
+        result = run_bounded(command, env=_environment(), timeout=150)  # a hang kills torchrun's workers too
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{processes} process(es) hang on a training set smaller than one batch per process")
+    assert result.returncode != 0
+    assert "error: the training set gives no batch per process" in result.stderr
+    assert result.stderr.count("error: the training set gives no batch per process") == 1  # from rank 0 only
+    assert "simplexvq_recipes/" not in result.stderr  # no traceback from the recipe (torchrun adds its own lines)
+    assert not run.exists()  # stopped before anything was written

@@ -7,7 +7,10 @@ A checkpoint is a folder ``step_XXXXXXXX`` holding:
   and containers only: a pickled object that would run code is refused);
 * ``scheduler.json`` and ``grad_scaler.json``: the learning-rate schedule's and the fp16 gradient scaler's states;
 * ``rng_<rank>.safetensors`` + ``rng_<rank>.json``: every rank's torch (CPU and CUDA), NumPy and Python RNG states;
-* ``trainer_state.json``: step, position in the data, metric history, training seconds;
+* ``trainer_state.json``: step, position in the data, metric history, training seconds, and ``recipe`` (the
+  config class of the run, so that another recipe's checkpoint is refused by name);
+* ``config.yaml``: the whole config the run was trained with (what every resume compares the new config with; a
+  checkpoint copied out of its run folder still says what it was trained with);
 * ``manifest.json``: the size of every other file, written last.
 
 Nothing is unpickled with code execution, unlike Accelerate's ``save_state`` (whose registered custom objects are
@@ -26,7 +29,9 @@ import json
 import random
 import re
 import shutil
+import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +42,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from simplexvq_recipes.training.atomic import atomic_write_json
+from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
 
+CHECKPOINTS = "checkpoints"
+"""The run folder's sub-folder holding the ``step_XXXXXXXX`` checkpoints."""
+CHECKPOINT_CONFIG = "config.yaml"
+"""The config a checkpoint was trained with, inside the checkpoint folder."""
+ABANDONED_PREFIX = "abandoned-"
+"""Folders ``checkpoints/abandoned-<UTC time>/`` keep the checkpoints of a branch a resume moved away from."""
 TRAINER_STATE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -148,7 +159,9 @@ class CheckpointManager:
     """Save and restore the full training state of ``model`` / ``optimizer`` / ``scheduler`` under ``directory``.
 
     ``model`` is the unwrapped module (no DDP or compile wrapper); ``scheduler`` any object with ``state_dict`` /
-    ``load_state_dict`` holding numbers and lists (PyTorch's learning-rate schedulers).
+    ``load_state_dict`` holding numbers and lists (PyTorch's learning-rate schedulers); ``config_yaml`` the run's
+    config, saved in every checkpoint as ``config.yaml``. Old checkpoints are pruned to ``keep_last`` only after a
+    newer one is complete, so the checkpoint a run resumed from stays until its successor exists.
     """
 
     def __init__(
@@ -160,6 +173,7 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         scheduler: Any = None,
         keep_last: int = 2,
+        config_yaml: str | None = None,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"training.keep_last must be >= 1, got {keep_last}")
@@ -169,6 +183,7 @@ class CheckpointManager:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.keep_last = keep_last
+        self.config_yaml = config_yaml
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint folders, oldest first (see :func:`checkpoint_problem` for whether one is intact)."""
@@ -196,6 +211,8 @@ class CheckpointManager:
                 atomic_write_json(temporary / SCHEDULER_FILE, _plain(self.scheduler.state_dict()))
             if accelerator.scaler is not None:
                 atomic_write_json(temporary / SCALER_FILE, _plain(accelerator.scaler.state_dict()))
+            if self.config_yaml is not None:
+                atomic_write_text(temporary / CHECKPOINT_CONFIG, self.config_yaml)
             atomic_write_json(temporary / TRAINER_STATE, {"step": step, **trainer_state})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -236,7 +253,16 @@ class CheckpointManager:
     def _load(self, path: Path) -> None:
         accelerator = self.accelerator
         device = accelerator.device
-        self.model.load_state_dict(load_file(str(path / MODEL_FILE), device="cpu"))
+        try:
+            self.model.load_state_dict(load_file(str(path / MODEL_FILE), device="cpu"))
+        except RuntimeError as error:  # missing, unexpected or differently shaped weights
+            lines = str(error).splitlines()
+            first = (lines[1] if len(lines) > 1 else lines[0] if lines else "").strip()
+            first = first if len(first) <= 200 else first[:200] + "..."
+            raise CheckpointError(
+                f"cannot resume from {path}: its {MODEL_FILE} does not fit this model ({first}); resume from a "
+                "checkpoint of the same recipe and model settings"
+            ) from error
         optimizer_file = path / OPTIMIZER_FILE
         try:
             optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
@@ -246,7 +272,13 @@ class CheckpointManager:
                 f"{str(error).splitlines()[0] if str(error) else ''}); only tensors and numbers are read from a "
                 "checkpoint, never code"
             ) from error
-        self.optimizer.load_state_dict(optimizer_state)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(
+                f"cannot resume from {path}: its {OPTIMIZER_FILE} does not fit this model's optimizer ({error}); "
+                "resume from a checkpoint of the same recipe and model settings"
+            ) from error
         if self.scheduler is not None and (path / SCHEDULER_FILE).is_file():
             self.scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
         if accelerator.scaler is not None and (path / SCALER_FILE).is_file():
@@ -262,3 +294,43 @@ class CheckpointManager:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def step_number(path: str | Path) -> int | None:
+    """The step of a ``step_XXXXXXXX`` folder name, ``None`` for any other name."""
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def set_aside_newer(directory: str | Path, resumed: str | Path, run_files: Sequence[Path] = ()) -> Path | None:
+    """Move the checkpoints under ``directory`` that a resume from ``resumed`` abandons into
+    ``directory/abandoned-<UTC time>/``; returns that folder, or ``None`` when nothing was moved.
+
+    Abandoned: every ``step_*`` folder of a later step than ``resumed`` (and one of the same step that is not
+    ``resumed`` itself), damaged or not. Left in place they would be mistaken for the newest checkpoint of the
+    resumed run (by a later resume or an export), and ``keep_last`` would prune the resumed run's own checkpoints
+    first. ``run_files`` (the abandoned run's ``results.json`` / ``history.json``) move along when given. Call on the
+    main process only.
+    """
+    directory, resumed = Path(directory), Path(resumed)
+    resumed_step = step_number(resumed)
+    if resumed_step is None:
+        return None
+    newer = [
+        path
+        for path in step_folders(directory)
+        if step_number(path) > resumed_step
+        or (step_number(path) == resumed_step and path.resolve() != resumed.resolve())
+    ]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = directory / f"{ABANDONED_PREFIX}{stamp}"
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = directory / f"{ABANDONED_PREFIX}{stamp}-{suffix}"
+    target.mkdir()
+    for path in [*newer, *(file for file in run_files if file.is_file())]:
+        path.rename(target / path.name)
+    return target

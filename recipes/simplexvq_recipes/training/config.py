@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -47,27 +48,84 @@ def check_renamed(keys: Sequence[str], renamed: Mapping[str, str], source: str) 
 
 
 def load_config(config_class: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``config_class``, updated by the YAML file at ``path``, then by ``overrides`` (``a.b=1``)."""
+    """Defaults of ``config_class``, updated by the YAML file at ``path``, then by ``overrides`` (``a.b=1``).
+
+    Every problem is a one-line ``ValueError`` (``FileNotFoundError`` for a missing file) naming its source: the
+    file with the line and column of a YAML syntax error, or the ``key=value`` argument; nothing is written.
+    """
     renamed = renamed_keys(config_class)
+    merged = OmegaConf.structured(config_class)
+    if path is not None:
+        path = Path(path)
+        loaded = read_yaml_mapping(path)
+        check_renamed(list(flatten(OmegaConf.to_container(loaded))), renamed, str(path))
+        merged = _merge(config_class, merged, loaded, str(path))
+    for override in overrides:
+        key, separator, _ = override.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"override {override!r} is not of the form key=value (e.g. training.steps=100)")
+    check_renamed([override.split("=", 1)[0] for override in overrides], renamed, "command line")
+    for override in overrides:
+        try:
+            parsed = OmegaConf.from_dotlist([override])
+        except yaml.YAMLError as error:
+            problem = _yaml_problem(error, position=False)
+            raise ValueError(
+                f"command line: the value of {override!r} is not valid YAML ({problem}); quote it (key='value') or "
+                "write lists as key=[1,2]"
+            ) from error
+        except OmegaConfBaseException as error:
+            raise ValueError(f"command line: {override!r}: {_one_line(error)}") from error
+        merged = _merge(config_class, merged, parsed, f"command line ({override})")
     try:
-        merged = OmegaConf.structured(config_class)
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            loaded = OmegaConf.load(path)
-            check_renamed(list(flatten(OmegaConf.to_container(loaded) or {})), renamed, str(path))
-            merged = OmegaConf.merge(merged, loaded)
-        for override in overrides:
-            if "=" not in override:
-                raise ValueError(f"override {override!r} is not of the form key=value (e.g. training.steps=100)")
-        check_renamed([override.split("=", 1)[0] for override in overrides], renamed, "command line")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         source = f" (from {path})" if path is not None else ""
-        raise ValueError(f"invalid {config_class.__name__}{source}: {error}") from error
+        raise ValueError(f"invalid {config_class.__name__}{source}: {_one_line(error)}") from error
+
+
+def read_yaml_mapping(path: Path) -> DictConfig:
+    """The YAML mapping in ``path`` (OmegaConf's safe loader: plain data, no Python objects), or a one-line error
+    naming the file (and the line and column of a syntax error)."""
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"config file {path} is not a file")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({_yaml_problem(error)}); fix the file") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a text file ({error.reason}); give a YAML file") from error
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{path}: {_one_line(error)}") from error
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if isinstance(loaded, ListConfig) else "not a mapping"
+        raise ValueError(
+            f"{path}: the file is {kind}; a config file maps keys to values, e.g. 'training: {{steps: 10}}'"
+        )
+    return loaded
+
+
+def _merge(config_class: type, merged: Any, update: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(merged, update)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid {config_class.__name__} setting from {source}: {_one_line(error)}") from error
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    """OmegaConf's message without its multi-line context, with the key it concerns."""
+    message = str(error).splitlines()[0].strip() if str(error) else type(error).__name__
+    key = getattr(error, "full_key", None)
+    return f"{message} (key {key})" if key and key not in message else message
+
+
+def _yaml_problem(error: yaml.YAMLError, position: bool = True) -> str:
+    """``<problem> at line L, column C`` of a YAML parse error (without the position: ``<problem>``), on one line."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if position and mark is not None else problem
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -33,16 +33,22 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
-from simplexvq_recipes.training.checkpoint import CheckpointManager, step_folders
+from simplexvq_recipes.training.checkpoint import CHECKPOINTS, CheckpointManager, set_aside_newer
 from simplexvq_recipes.training.config import config_to_dict, config_to_yaml
 from simplexvq_recipes.training.distributed import any_rank, check_launch, local_neighbours
-from simplexvq_recipes.training.resume import CONFIG_FILE, check_resume_config, record_changes
+from simplexvq_recipes.training.resume import (
+    CONFIG_FILE,
+    check_resume_config,
+    config_type,
+    record_changes,
+    resume_point,
+)
+from simplexvq_recipes.training.runlock import RunFolderBusyError, RunFolderLock
 from simplexvq_recipes.training.runlog import RunLog, show_progress_bar
 from simplexvq_recipes.training.settings import RESUME_SAFE_KEYS, TrainingConfig
 from simplexvq_recipes.training.tracking import HISTORY_FILE, MetricHistory
 
 RESULTS_FILE = "results.json"
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -188,23 +194,49 @@ def _due(step: int, every: int) -> bool:
 
 def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> dict[str, Any]:
     """Train (or resume) ``task`` with the loop ``settings``; ``config`` is the whole recipe config, saved as
-    ``config.yaml``. Returns the final results (also written to ``results.json``)."""
+    ``config.yaml`` (and in every checkpoint). Returns the final results (also written to ``results.json``).
+
+    Before anything is written: the checkpoint to resume from is chosen and its config compared with ``config``
+    (:mod:`~simplexvq_recipes.training.resume`), and the run folder is locked against a second run
+    (:mod:`~simplexvq_recipes.training.runlock`)."""
     settings.validate()
     run_dir = Path(settings.output_dir)
-    config_dict = config_to_dict(config)
-    existing = step_folders(run_dir / CHECKPOINTS)
+    recipe = config_type(config)
+    resumed_from = resume_point(run_dir, settings)
     changes: dict[str, tuple[Any, Any]] = {}
-    if existing and not settings.resume:
-        raise ValueError(
-            f"{run_dir / CHECKPOINTS} already holds checkpoints (up to {existing[-1].name}); set training.resume=true "
-            "to continue that run, or choose a new training.output_dir"
-        )
-    if existing or settings.resume_from:
-        changes = check_resume_config(run_dir, config_dict, RESUME_SAFE_KEYS + task.safe_resume_keys)
+    if resumed_from is not None:
+        safe_keys = RESUME_SAFE_KEYS + task.safe_resume_keys
+        changes = check_resume_config(resumed_from, config_to_dict(config), safe_keys, recipe)
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
     accelerator = make_accelerator(settings, task.find_unused_parameters)
+    lock = RunFolderLock(run_dir)
+    refused: RunFolderBusyError | None = None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunFolderBusyError as error:
+            refused = error
+    if any_rank(accelerator, refused is not None):
+        raise refused or RunFolderBusyError(f"the main process could not lock the run folder {run_dir}")
+    try:
+        return _train(task, config, settings, accelerator, resumed_from, changes)
+    finally:
+        lock.release()
+
+
+def _train(
+    task: TrainingTask,
+    config: Any,
+    settings: TrainingConfig,
+    accelerator: Accelerator,
+    resumed_from: Path | None,
+    changes: dict[str, tuple[Any, Any]],
+) -> dict[str, Any]:
+    """The body of :func:`run_training`, with the run folder locked."""
+    run_dir = Path(settings.output_dir)
+    recipe = config_type(config)
     log = RunLog(accelerator, run_dir)
     set_seed(settings.seed)
     model = task.build_model(accelerator)
@@ -213,10 +245,8 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
     optimizer = task.build_optimizer(model)
     accumulation = settings.grad_accumulation
     steps_per_epoch = len(data) // accumulation
-    if settings.steps == 0 and steps_per_epoch == 0:
-        raise ValueError(
-            f"one epoch has {len(data)} batch(es) per process, fewer than training.grad_accumulation={accumulation}"
-        )
+    if any_rank(accelerator, steps_per_epoch == 0):  # the run would loop over epochs forever without a step
+        raise ValueError(_too_few_batches(len(data), accumulation))
     total_steps = settings.steps or settings.epochs * steps_per_epoch
     scheduler = LambdaLR(optimizer, task.schedule(total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -230,8 +260,15 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
         optimizer=optimizer,
         scheduler=scheduler,
         keep_last=settings.keep_last,
+        config_yaml=config_to_yaml(config),
     )
-    restored = manager.restore(settings.resume_from) if settings.resume else None
+    restored = manager.restore(resumed_from) if resumed_from is not None else None
+    set_aside = None
+    if restored and accelerator.is_main_process:
+        set_aside = set_aside_newer(
+            run_dir / CHECKPOINTS, restored[0], [run_dir / RESULTS_FILE, run_dir / HISTORY_FILE]
+        )
+    accelerator.wait_for_everyone()
     state = restored[1] if restored else {"step": 0, "epoch": 0, "batch": 0, "history": [], "train_seconds": 0.0}
     step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch"]
     seconds_before = float(state.get("train_seconds", 0.0))
@@ -244,6 +281,9 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
         accelerator.init_trackers("tensorboard")
     context = RunContext(accelerator, history, run_dir, log)
     _summary(log, task, unwrapped, accelerator, settings, total_steps, data, restored, changes)
+    if set_aside is not None:
+        moved = ", ".join(sorted(path.name for path in set_aside.iterdir()))
+        log.say(f"resumed from {restored[0].name}: moved what the abandoned later run left ({moved}) into {set_aside}")
 
     def validate() -> dict[str, Any]:
         with local_neighbours(unwrapped):
@@ -251,7 +291,8 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
 
     def checkpoint() -> None:
         seconds = seconds_before + time.perf_counter() - started
-        manager.save(step, {"epoch": epoch, "batch": batch_in_epoch, "history": history.rows, "train_seconds": seconds})
+        trainer_state = {"epoch": epoch, "batch": batch_in_epoch, "history": history.rows, "train_seconds": seconds}
+        manager.save(step, {**trainer_state, "recipe": recipe})
 
     interval = IntervalAverage(accelerator.device)  # per batch
     step_metrics = IntervalAverage(accelerator.device)  # per optimizer step
@@ -270,10 +311,12 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
     model.train()
     micro = 0
     while step < total_steps:
+        whole_epoch, steps_before, skipped = batch_in_epoch == 0, step, 0
         for batch in data.batches(epoch, batch_in_epoch):
             batch_in_epoch += 1
             if task.skip_empty_batches and any_rank(accelerator, task.batch_is_empty(batch)):
                 warnings.warn(f"step {step + 1}: no readable data in a rank's batch; batch skipped", stacklevel=1)
+                skipped += 1
                 continue
             micro += 1
             task.before_step(unwrapped, step)
@@ -316,6 +359,11 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
             if last:
                 break
         else:
+            if whole_epoch and step == steps_before:  # identical on every rank: skips are decided collectively
+                raise ValueError(
+                    f"epoch {epoch} ended without an optimizer step: {skipped} of its {len(data)} batches per process "
+                    "held no readable data and were skipped; fix or remove the unreadable files"
+                )
             epoch, batch_in_epoch = epoch + 1, 0
             if micro:  # batches at the end of an epoch that do not fill an optimizer step are left out
                 optimizer.zero_grad(set_to_none=True)
@@ -333,6 +381,18 @@ def run_training(task: TrainingTask, config: Any, settings: TrainingConfig) -> d
     log.say(f"finished at step {step} after {train_seconds:.1f} s of training; results in {run_dir / RESULTS_FILE}")
     accelerator.end_training()
     return results
+
+
+def _too_few_batches(batches: int, accumulation: int) -> str:
+    if batches == 0:
+        return (
+            "the training set gives no batch per process (fewer examples than one batch per process; whole batches "
+            "only): lower the batch size or the number of processes, or give more training data"
+        )
+    return (
+        f"one epoch gives {batches} batch(es) per process, fewer than the training.grad_accumulation={accumulation} "
+        "batches of one optimizer step: lower training.grad_accumulation or the batch size, or give more training data"
+    )
 
 
 def _summary(

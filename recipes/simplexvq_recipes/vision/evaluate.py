@@ -24,7 +24,12 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset, Subset
 
 from simplexvq_recipes.training.atomic import atomic_write_json, atomic_write_text
-from simplexvq_recipes.training.checkpoint import TRAINER_STATE, checkpoint_problem, latest_complete
+from simplexvq_recipes.training.checkpoint import (
+    TRAINER_STATE,
+    CheckpointError,
+    checkpoint_problem,
+    latest_complete,
+)
 from simplexvq_recipes.training.cli import run_cli
 from simplexvq_recipes.training.config import load_config
 from simplexvq_recipes.training.loop import CHECKPOINTS
@@ -42,7 +47,13 @@ def load_weights(model: DiscreteAutoencoder, checkpoint: Path) -> None:
     if safetensors_file.is_file():
         state = load_file(str(safetensors_file))
     elif torch_file.is_file():
-        state = torch.load(torch_file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(torch_file, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 (the unpickler's errors have no common base class)
+            raise CheckpointError(
+                f"refusing to load {torch_file}: it is not a plain state dict ({type(error).__name__}); only tensors "
+                "are read from a checkpoint, never code"
+            ) from error
     else:
         raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in checkpoint {checkpoint}")
     model.load_state_dict(state)
