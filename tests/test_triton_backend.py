@@ -27,7 +27,8 @@ pytest.importorskip("triton")
 
 import simplexvq  # noqa: E402
 from simplexvq import functional as VQF  # noqa: E402
-from simplexvq.efficient import streamed_softmax_quantize  # noqa: E402
+from simplexvq.scale import streamed_softmax_quantize  # noqa: E402
+from simplexvq.scale.knn_loss import knn_loss_scaled  # noqa: E402
 from simplexvq.scale.sync_audit import SyncAudit  # noqa: E402
 from simplexvq.scale.triton import triton_available, triton_streamed_softmax_quantize  # noqa: E402
 
@@ -70,7 +71,7 @@ def _dense(z, codebook, temperature, distance, k=None, knn_distance="ce", vertic
         logits = VQF.euclidean_logits(z, codebook, temperature)
     log_pi = torch.log_softmax(logits, dim=-1)
     pi = log_pi.exp()
-    loss = None if k is None else VQF.knn_loss(log_pi, k, knn_distance, vertices=vertices)
+    loss = None if k is None else knn_loss_scaled(log_pi, k, knn_distance, vertices=vertices)
     return torch.einsum("ngm,gmd->ngd", pi, codebook), loss, pi
 
 

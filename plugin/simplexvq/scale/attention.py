@@ -3,7 +3,8 @@
 The smoothed output ``Q p = softmax(logits(z, Q) / tau) Q`` is an attention with queries z, keys Q and values Q
 (section 3, appendix A.1). :func:`soft_quantize` evaluates it with
 ``torch.nn.functional.scaled_dot_product_attention`` (the output only; nothing for the KNN regularizer or the
-statistics); :func:`attention_queries` and :func:`attention_keys` give the streamed backends the same factors.
+statistics); :func:`attention_queries` and :func:`attention_keys` give the streamed backends the same factors, and
+:func:`attention_form` the factors with the Euclidean bias kept apart (for fused kernels that add it per key).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 LogitsKind = Literal["cosine", "euclid"]
 
-__all__ = ["LogitsKind", "attention_keys", "attention_queries", "soft_quantize"]
+__all__ = ["LogitsKind", "attention_form", "attention_keys", "attention_queries", "soft_quantize"]
 
 
 def soft_quantize(z: Tensor, codebook: Tensor, temperature: Tensor, distance: LogitsKind = "cosine") -> Tensor:
@@ -24,17 +25,11 @@ def soft_quantize(z: Tensor, codebook: Tensor, temperature: Tensor, distance: Lo
     (G,) -> (N, G, d), equal to the dense ``einsum(softmax(logits), Q)`` with the logits of appendix A.1
     (``"cosine"``) or ``-|z - q|^2 / tau`` (``"euclid"``); gradients reach z, Q and tau.
     """
-    tau = temperature[:, None, None]
-    if distance == "cosine":
-        query = F.normalize(z, dim=-1).transpose(0, 1) / tau  # (G, N, d)
-        key = F.normalize(codebook, dim=-1)
-        value = codebook
-    elif distance == "euclid":
-        query = torch.cat([2.0 * z, -torch.ones_like(z[..., :1])], dim=-1).transpose(0, 1) / tau
-        key = torch.cat([codebook, codebook.pow(2).sum(dim=-1, keepdim=True)], dim=-1)
-        value = F.pad(codebook, (0, 1))  # the fused CPU kernels want equal key and value widths
-    else:
+    if distance not in ("cosine", "euclid"):
         raise ValueError(f"soft_quantize: distance must be 'cosine' or 'euclid', got {distance!r}")
+    query = attention_queries(distance, z, temperature).transpose(0, 1)  # (G, N, d')
+    key = attention_keys(distance, codebook)
+    value = codebook if distance == "cosine" else F.pad(codebook, (0, 1))  # fused CPU kernels: equal widths
     # 4-D (batch, heads, length, width) inputs select the fused (flash / memory-efficient) kernels.
     out = F.scaled_dot_product_attention(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), scale=1.0)
     return out.squeeze(0)[..., : codebook.shape[-1]].transpose(0, 1)
@@ -58,3 +53,16 @@ def attention_queries(kind: LogitsKind, z: Tensor, temperature: Tensor) -> Tenso
     else:
         scaled = torch.cat([2.0 * z, -torch.ones_like(z[..., :1])], dim=-1)
     return scaled / temperature[:, None]
+
+
+def attention_form(
+    kind: LogitsKind, z: Tensor, codebook: Tensor, temperature: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Queries (N, G, D), keys (G, M, D) and bias (G, M) or ``None`` with ``q . k + b`` the logits up to a per-row
+    constant: :func:`attention_queries` and :func:`attention_keys` with the Euclidean bias ``-|c|^2 / tau`` (their
+    last column's product) kept apart instead of carried as an extra width."""
+    keys = attention_keys(kind, codebook)
+    if kind == "cosine":
+        return attention_queries(kind, z, temperature), keys, None
+    tau = temperature[:, None]
+    return 2.0 * z / tau, codebook, -keys[..., -1] / tau
