@@ -173,3 +173,13 @@ def test_prepare_checks_the_wheel_folder(tmp_path):
     assert any("frozendict-0.1-cp312" in p and "not a pure-Python wheel" in p for p in problems)
     assert any("no wheel for einx==0.4.3" in p for p in problems)
     assert any("several versions of frozendict" in p for p in problems)
+
+
+def test_the_global_knn_stage_compares_two_ranks_with_one_process(tmp_path):
+    """The stage's own script on two gloo ranks (CPU, reference backend): the global loss equals the loss of one
+    process holding both shards; with fewer than two GPUs the GPU run records the stage as skipped."""
+    assert run.run_global_knn(run.Budget(300), devices=1)["status"] == "skipped"
+    result = run.run_global_knn(run.Budget(300), devices=0, cpu=True)
+    assert result["status"] == "ok", result
+    assert result["backend"] == "reference" and result["fell_back"] is False
+    assert result["loss"] == pytest.approx(result["single_process_loss"], rel=1e-4)

@@ -604,58 +604,64 @@ def model_tasks(args: argparse.Namespace) -> list[list[dict]]:
 
 
 GLOBAL_KNN = """
-import os, sys, torch, torch.distributed as dist
+import os, torch, torch.distributed as dist
 import simplexvq
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-torch.cuda.set_device(rank)
-dist.init_process_group("nccl")
+cpu = os.environ.get("SIMPLEXVQ_GLOBAL_KNN_CPU") == "1"  # the script's own check: gloo, CPU, reference backend
+device = torch.device("cpu" if cpu else f"cuda:{rank}")
+if not cpu:
+    torch.cuda.set_device(device)
+dist.init_process_group("gloo" if cpu else "nccl")
 torch.manual_seed(0)
-full = torch.randn(world * 512, 64, device="cuda")
+full = torch.randn(world * 512, 64).to(device)
 def build(scope):
     torch.manual_seed(1)
     return simplexvq.build_quantizer("softmax-knn_ce", dim=64, codebook_size=1024, knn_k=8, memory_efficient=True,
-                                     backend="triton", knn_scope=scope).cuda()
-shard = full.chunk(world)[rank]
+                                     backend="reference" if cpu else "triton", knn_scope=scope).to(device)
 quantizer = build("global")
-loss = quantizer(shard).losses["knn_ce"]
+loss = quantizer(full.chunk(world)[rank]).losses["knn_ce"]
 loss.backward()
 backend = quantizer.streamed_backend
+fell_back = bool(getattr(backend, "fell_back", False))
 if rank == 0:
     expected = build("local")(full).losses["knn_ce"]
-    print("RESULT", float(loss), float(expected), bool(backend.fell_back), backend.fallback_reason)
+    print("RESULT", float(loss), float(expected), fell_back, backend.name, flush=True)
 dist.destroy_process_group()
 """
 
 
-def run_global_knn(budget: Budget) -> dict:
-    import torch
+def run_global_knn(budget: Budget, devices: int | None = None, cpu: bool = False) -> dict:
+    """Two ranks with the Triton backend over NCCL (``cpu``: gloo and the reference backend, a check of this
+    stage itself) against one process holding both shards: the global loss must be the single-process loss."""
+    if devices is None:
+        import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count < 2:
-        return {"status": "skipped", "reason": f"{count} GPU(s): the global KNN over NCCL needs 2 or more"}
+        devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if devices < 2 and not cpu:
+        return {"status": "skipped", "reason": f"{devices} GPU(s): the global KNN over NCCL needs 2 or more"}
     if budget.left() < 30:
         return {"status": "skipped", "reason": "time budget spent"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--no-python",
-        sys.executable,
-        "-c",
-        GLOBAL_KNN,
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+    command += [sys.executable, "-c", GLOBAL_KNN]
+    env = subprocess_env()
+    if cpu:
+        env["SIMPLEXVQ_GLOBAL_KNN_CPU"] = "1"
     try:
-        done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=budget.left())
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=budget.left())
     except subprocess.TimeoutExpired:
         return {"status": "timed out"}
     lines = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT")]
     if done.returncode != 0 or not lines:
         return {"status": "error", "returncode": done.returncode, "tail": (done.stdout + done.stderr)[-2000:]}
-    loss, expected, fell_back = float(lines[0][0]), float(lines[0][1]), lines[0][2] == "True"
+    loss, expected, fell_back, backend = float(lines[0][0]), float(lines[0][1]), lines[0][2] == "True", lines[0][3]
     ok = math.isclose(loss, expected, rel_tol=1e-4) and not fell_back
-    return {"status": "ok" if ok else "mismatch", "loss": loss, "single_process_loss": expected, "fell_back": fell_back}
+    return {
+        "status": "ok" if ok else ("fell back" if fell_back else "mismatch"),
+        "backend": backend,
+        "loss": loss,
+        "single_process_loss": expected,
+        "fell_back": fell_back,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -684,12 +690,16 @@ def _cell(record: dict | None) -> str:
 
 
 def failures(report: dict) -> list[str]:
-    """What makes the check fail: a "triton" measurement that fell back to the reference backend."""
-    return [
+    """What makes the check fail: a "triton" measurement that fell back to the reference backend (the global
+    KNN's included)."""
+    failed = [
         f"{r['method']} at {_case_label(r['case'])} fell back to the reference backend: {r.get('fallback_reason')}"
         for r in report["measurements"]
         if r.get("fell_back")
     ]
+    if report.get("global_knn", {}).get("fell_back"):
+        failed.append("the global KNN over NCCL fell back to the reference backend")
+    return failed
 
 
 def markdown(report: dict) -> str:
@@ -758,7 +768,11 @@ def markdown(report: dict) -> str:
                 f"- {r['method']} at {_case_label(r['case'])}: operands {', '.join(operands)} "
                 f"(all tensors: {', '.join(everything)})"
             )
-    lines += ["", f"## Global KNN over NCCL: {report['global_knn'].get('status', '-')}", ""]
+    knn = report["global_knn"]
+    detail = knn.get("reason") or (
+        f"loss {knn['loss']:.6g}, one process {knn['single_process_loss']:.6g}" if "loss" in knn else ""
+    )
+    lines += ["", f"## Global KNN over NCCL: {knn.get('status', '-')}" + (f" ({detail})" if detail else ""), ""]
     errors = [r for r in report["measurements"] if r.get("error") and not r.get("fell_back")]
     if errors:
         lines += ["", "## Not measured", ""]
