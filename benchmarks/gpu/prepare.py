@@ -2,7 +2,8 @@
 without a package registry.
 
 The GPU machine has Python 3.12, torch, triton, transformers, timm and accelerate but maybe not pytest, nor
-vector-quantize-pytorch (the peer in the layer's table) and its dependencies. Run here, with network access to
+vector-quantize-pytorch (the peer in the layer's table) and its dependencies, nor omegaconf (the recipes'
+configuration, imported by the model builders the check uses). Run here, with network access to
 PyPI::
 
     python benchmarks/gpu/prepare.py            # downloads the pinned pure-Python wheels, then checks the folder
@@ -35,6 +36,8 @@ REQUIREMENTS: tuple[str, ...] = (
     "frozendict==2.5.1",
     "loguru==0.8.0",
     "torch-einops-utils==0.2.9",
+    # the recipes' configuration (their model builders import it; PyYAML is there)
+    "omegaconf==2.4.0",
 )
 """Pinned pure-Python distributions, each with its own dependencies listed (``--no-deps`` keeps torch out)."""
 

@@ -6,7 +6,7 @@ wheels it needs into ``benchmarks/gpu/wheels/`` (see README.md for the device-to
     PYTHONPATH=plugin:recipes:vision_adapter python benchmarks/gpu/run.py --out $OUT
 
 It writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` after every stage, so a run cut short leaves what
-it measured. Stages, in this order (the numbers first), each guarded by the remaining budget (default 450 s for
+it measured. Stages, in this order (the numbers first), each guarded by the remaining budget (default 420 s for
 the whole run):
 
 1. Wheels: the packages of ``wheels/`` that are not installed are installed offline (``pip install --no-index
@@ -785,7 +785,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT)")
     parser.add_argument("--quick", action="store_true", help="two sizes, fewer samples")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (Triton's interpreter)")
-    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 450; dry run 600)")
+    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420; dry run 600)")
     parser.add_argument("--skip-tests", action="store_true", help="no pytest stage")
     parser.add_argument("--skip-models", action="store_true", help="no training-step stage")
     parser.add_argument("--wheels", default=str(WHEELS), help="folder of wheels to install offline")
@@ -800,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(Path(args.worker))
-    budget = Budget(args.budget_s or (600.0 if args.dry_run else 450.0))
+    budget = Budget(args.budget_s or (600.0 if args.dry_run else 420.0))
     started = time.time()
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
