@@ -190,6 +190,12 @@ def sample_stats(samples: list[float]) -> dict[str, float | int]:
     }
 
 
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of ``numerator / denominator``: two runners timed in the same round-robin met the same
+    load in each round, so their per-round ratio is steadier than the ratio of their medians."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
 def device_samples(
     step: Callable[[], object], device: torch.device, repeats: int, deadline: float | None = None
 ) -> list[float]:

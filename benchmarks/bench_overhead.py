@@ -35,6 +35,7 @@ from _harness import (
     count_ops,
     environment,
     load_baseline,
+    paired_ratio,
     round_robin,
     save,
     table,
@@ -191,8 +192,7 @@ def main() -> None:
         }
         if baseline:  # per round, current / baseline: both ran within the same second, under the same load
             for name in ("softmax-none-efficient", "softmax-knn_ce-efficient"):
-                ratios = [a / b for a, b in zip(cpu[name], cpu[f"{name} @{args.baseline}"], strict=True)]
-                result[f"ratio_to_baseline {name}"] = statistics.median(ratios)
+                result[f"ratio_to_baseline {name}"] = paired_ratio(cpu[name], cpu[f"{name} @{args.baseline}"])
         results.append(result)
         print(result["n"], result["m"], result["d"], median)
         del layers, runners

@@ -3,7 +3,7 @@
 Every backend computes, for ``z`` (N, G, d), ``codebook`` (G, M, d) and ``temperature`` (G,), without ever holding
 the (N, G, M) logits, the same values and gradients (ties of the top-K aside) as the dense computation
 ``log_pi = log_softmax(logits)``, ``quantized = einsum(pi, Q)``,
-``knn_loss(log_pi, knn_k, knn_distance, scope=..., vertices=...)`` and the statistics of ``pi``, over the rows
+``knn_loss_scaled(log_pi, knn_k, knn_distance, scope=..., vertices=...)`` and the statistics of ``pi``, over the rows
 with ``valid`` set (all rows without ``valid``). Rows with ``valid=False`` (padding) take no part in any loss,
 statistic or neighbour search; their ``quantized`` rows are zero and their ``indices`` are -1.
 
