@@ -129,7 +129,8 @@ def subprocess_env() -> dict[str, str]:
 
 class KernelAudit:
     """What each ``simplexvq.*`` operator (a Triton launch) received: the dtype of its first floating tensor (the
-    queries: the dtype the kernel computes its products in) and every floating dtype among its tensors."""
+    queries: the dtype the kernel computes its products in), every floating dtype among its tensors, and its string
+    arguments (such as the ``tl.dot`` precision, ``ieee`` or ``tf32``, where the kernels take one)."""
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -145,14 +146,20 @@ class KernelAudit:
                     flat, _ = tree_flatten((args, kwargs))
                     dtypes = [str(x.dtype).replace("torch.", "") for x in flat if hasattr(x, "dtype")]
                     floating = [d for d in dtypes if d.startswith(("float", "bfloat"))]
-                    entry = seen.setdefault(name, {"operands": floating[0] if floating else None, "all": set()})
+                    entry = seen.setdefault(
+                        name, {"operands": floating[0] if floating else None, "all": set(), "options": set()}
+                    )
                     entry["all"].update(floating)
+                    entry["options"].update(x for x in flat if isinstance(x, str))  # e.g. the tl.dot precision
                 return func(*args, **kwargs)
 
         self.mode, self.seen = Mode(), seen
 
     def result(self) -> dict[str, dict]:
-        return {name: {**e, "all": sorted(e["all"])} for name, e in sorted(self.seen.items())}
+        return {
+            name: {**e, "all": sorted(e["all"]), "options": sorted(e["options"])}
+            for name, e in sorted(self.seen.items())
+        }
 
 
 def _inputs(n: int, m: int, d: int, dtype, device):
@@ -366,6 +373,18 @@ def fallback_of(objects: list, caught: list) -> str | None:
     return None
 
 
+def _dot_precisions(kernel_dtypes: dict) -> dict[str, str]:
+    """The ``tl.dot`` precision the kernels chose for each operand dtype (``ieee`` or ``tf32``), where the kernels'
+    launcher says (``simplexvq.scale.triton.launch.dot_precision``); empty where it does not choose."""
+    import importlib
+
+    import torch
+
+    choose = getattr(importlib.import_module("simplexvq.scale.triton.launch"), "dot_precision", None)
+    operands = {entry["operands"] for entry in kernel_dtypes.values() if entry["operands"]}
+    return {dtype: choose(getattr(torch, dtype)) for dtype in sorted(operands)} if choose else {}
+
+
 def measure(task: dict, device, deadline: float) -> dict:
     """One measurement: build, first call, fallback check, forecast, warm-up, samples, kernel dtypes, peak memory."""
     import torch
@@ -416,6 +435,7 @@ def measure(task: dict, device, deadline: float) -> dict:
             with audit.mode:
                 step()
             record["kernel_dtypes"] = audit.result()
+            record["dot_precision"] = _dot_precisions(record["kernel_dtypes"])
         record["float32_matmul_precision"] = torch.get_float32_matmul_precision()
     except Exception as error:  # noqa: BLE001 - every failure is a result to report
         record["error"] = f"{type(error).__name__}: {error}"[:500]
@@ -764,9 +784,16 @@ def markdown(report: dict) -> str:
         for r in dtypes:
             operands = sorted({str(e["operands"]) for e in r["kernel_dtypes"].values()})
             everything = sorted({d for e in r["kernel_dtypes"].values() for d in e["all"]})
+            options = sorted({o for e in r["kernel_dtypes"].values() for o in e.get("options", [])})
             lines.append(
                 f"- {r['method']} at {_case_label(r['case'])}: operands {', '.join(operands)} "
                 f"(all tensors: {', '.join(everything)})"
+                + (f"; options {', '.join(options)}" if options else "")
+                + (
+                    f"; tl.dot {', '.join(f'{k}: {v}' for k, v in r['dot_precision'].items())}"
+                    if r.get("dot_precision")
+                    else ""
+                )
             )
     knn = report["global_knn"]
     detail = knn.get("reason") or (
