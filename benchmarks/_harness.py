@@ -174,6 +174,52 @@ def round_robin(
     return cpu, wall
 
 
+def sample_stats(samples: list[float]) -> dict[str, float | int]:
+    """Median and spread of timing samples: ``median``, ``min``, ``max``, ``spread`` ((max - min) / median) and
+    the number of samples ``n``. The median is the number to report; the spread says how far to trust it."""
+    if not samples:
+        return {"n": 0}
+    median = statistics.median(samples)
+    low, high = min(samples), max(samples)
+    return {
+        "n": len(samples),
+        "median": median,
+        "min": low,
+        "max": high,
+        "spread": (high - low) / median if median > 0 else 0.0,
+    }
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of ``numerator / denominator``: two runners timed in the same round-robin met the same
+    load in each round, so their per-round ratio is steadier than the ratio of their medians."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
+def device_samples(
+    step: Callable[[], object], device: torch.device, repeats: int, deadline: float | None = None
+) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``step`` (after the caller's warm-up): CUDA events around each call on a
+    GPU, the wall clock on the CPU. Stops early, with the samples it has, once ``time.time()`` passes
+    ``deadline`` (at least one sample is taken)."""
+    samples: list[float] = []
+    for _ in range(repeats):
+        if samples and deadline is not None and time.time() > deadline:
+            break
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(begin.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            step()
+            samples.append(1000.0 * (time.perf_counter() - started))
+    return samples
+
+
 def _status_mib(key: str) -> float | None:
     try:
         with open("/proc/self/status") as handle:

@@ -35,13 +35,14 @@ from _harness import (
     count_ops,
     environment,
     load_baseline,
+    paired_ratio,
     round_robin,
     save,
     table,
     train_step,
 )
 
-from simplexvq.efficient import soft_quantize
+from simplexvq.scale import soft_quantize
 
 SIZES = ((16384, 1024, 64), (16384, 1024, 256), (16384, 8196, 64), (65536, 1024, 128))
 LAYERS = ("softmax-none", "softmax-knn_ce", "softmax-none-efficient", "softmax-knn_ce-efficient")
@@ -95,7 +96,7 @@ def training_steps(layer: Layer, n: int, d: int, same_batch: bool) -> Callable[[
 
 def sdpa_output(n: int, m: int, d: int) -> Callable[[], None]:
     """Forward+backward of the smoothed output alone through ``scaled_dot_product_attention``
-    (:func:`simplexvq.efficient.soft_quantize`): no statistics, no regularizer."""
+    (:func:`simplexvq.scale.soft_quantize`): no statistics, no regularizer."""
     z = torch.randn(n, 1, d, requires_grad=True)
     codebook = (torch.randn(1, m, d) * d**-0.5).requires_grad_(True)
     temperature = torch.full((1,), 0.1, requires_grad=True)
@@ -191,8 +192,7 @@ def main() -> None:
         }
         if baseline:  # per round, current / baseline: both ran within the same second, under the same load
             for name in ("softmax-none-efficient", "softmax-knn_ce-efficient"):
-                ratios = [a / b for a, b in zip(cpu[name], cpu[f"{name} @{args.baseline}"], strict=True)]
-                result[f"ratio_to_baseline {name}"] = statistics.median(ratios)
+                result[f"ratio_to_baseline {name}"] = paired_ratio(cpu[name], cpu[f"{name} @{args.baseline}"])
         results.append(result)
         print(result["n"], result["m"], result["d"], median)
         del layers, runners

@@ -9,6 +9,8 @@ shapes (``tests/fake_triton_kernels.py``) otherwise, which still exercises the b
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 import warnings
 
 import fake_triton_kernels  # noqa: E402
@@ -19,6 +21,8 @@ import simplexvq  # noqa: E402
 from simplexvq import functional as VQF  # noqa: E402
 from simplexvq.scale import backends  # noqa: E402
 from simplexvq.scale.backends import triton_backend  # noqa: E402
+from simplexvq.scale.knn_loss import knn_loss_scaled  # noqa: E402
+from simplexvq.scale.streamed import StreamedRequest  # noqa: E402
 from simplexvq.stats import probability_stats  # noqa: E402
 
 N, G, M, D, K = 37, 2, 11, 4, 3
@@ -67,6 +71,10 @@ def _inputs(dtype, seed=0):
     return z, codebook, temperature
 
 
+def _request(z, codebook, temperature, **options) -> StreamedRequest:
+    return StreamedRequest(z=z, codebook=codebook, temperature=temperature, **options)
+
+
 def _valid(padded: bool) -> torch.Tensor | None:
     if not padded:
         return None
@@ -86,7 +94,7 @@ def dense_path(z, codebook, temperature, *, distance, knn_k, knn_distance, compu
     log_pi = torch.log_softmax(logits, dim=-1)
     pi = log_pi.exp()
     quantized = torch.einsum("ngm,gmd->ngd", pi, codebook) if compute_output else None
-    loss = None if knn_k is None else VQF.knn_loss(log_pi, knn_k, knn_distance, vertices=vertices)
+    loss = None if knn_k is None else knn_loss_scaled(log_pi, knn_k, knn_distance, vertices=vertices)
     return quantized, loss, pi.argmax(dim=-1), probability_stats(pi)
 
 
@@ -105,7 +113,10 @@ def _compare(name, kernels, dtype, distance, knn_distance, compute_output, padde
     knn_k = None if knn_distance is None else K
     options = dict(distance=distance, knn_k=knn_k, knn_distance=knn_distance or "ce", compute_output=compute_output)
     backend = _backend(name, kernels)
-    result = backend.quantize(z, codebook, temperature, chunk_size=CHUNK, vertices=vertices, valid=valid, **options)
+    request = StreamedRequest(
+        z=z, codebook=codebook, temperature=temperature, chunk_size=CHUNK, vertices=vertices, valid=valid, **options
+    )
+    result = backend.quantize(request)
     assert not getattr(backend, "fell_back", False)
     expected = dense_path(z, codebook, temperature, vertices=vertices, valid=valid, **options)
     tolerance = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
@@ -170,7 +181,7 @@ def test_backends_agree_with_each_other(knn_distance):
     results = {}
     for name in ("reference", "cpu", "triton"):
         result = _backend(name).quantize(
-            z, codebook, temperature, knn_k=K, knn_distance=knn_distance, chunk_size=CHUNK, valid=_valid(True)
+            _request(z, codebook, temperature, knn_k=K, knn_distance=knn_distance, chunk_size=CHUNK, valid=_valid(True))
         )
         grads = torch.autograd.grad(result.knn_loss + result.quantized.square().sum(), [z, codebook, temperature])
         results[name] = (result.quantized, result.knn_loss, result.indices, *grads)
@@ -240,7 +251,7 @@ def test_quantizer_uses_the_configured_backend_once(monkeypatch, name):
 
 def _quantize_twice(backend):
     z, codebook, temperature = _inputs(torch.float64, seed=6)
-    results = [backend.quantize(z, codebook, temperature, knn_k=K, chunk_size=CHUNK) for _ in range(2)]
+    results = [backend.quantize(_request(z, codebook, temperature, knn_k=K, chunk_size=CHUNK)) for _ in range(2)]
     reference = backends.reference_streamed_softmax_quantize(z, codebook, temperature, knn_k=K, chunk_size=CHUNK)
     for result in results:
         torch.testing.assert_close(result.knn_loss, reference.knn_loss)
@@ -264,7 +275,7 @@ def test_triton_backend_falls_back_when_a_backward_kernel_fails_to_compile():
     z, codebook, temperature = _inputs(torch.float64, seed=3)
     inputs = [x.clone().requires_grad_() for x in (z, codebook, temperature)]
     with pytest.warns(RuntimeWarning, match="backward kernel: out of shared memory"):
-        result = backend.quantize(*inputs, knn_k=K, chunk_size=CHUNK)
+        result = backend.quantize(_request(*inputs, knn_k=K, chunk_size=CHUNK))
     torch.autograd.grad(result.knn_loss + result.quantized.sum(), inputs)  # the reference backend's backward
     assert backend.fell_back
 
@@ -285,16 +296,16 @@ def test_triton_backend_falls_back_when_unavailable_or_missing():
 def test_triton_backend_errors_after_a_successful_call_and_argument_errors_propagate():
     backend = backends.TritonBackend(load=lambda: fake_triton_kernels)
     z, codebook, temperature = _inputs(torch.float64)
-    backend.quantize(z, codebook, temperature, knn_k=K)
+    backend.quantize(_request(z, codebook, temperature, knn_k=K))
     fake_triton_kernels.fail_with = RuntimeError("illegal memory access")
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        backend.quantize(z, codebook, temperature, knn_k=K)
+        backend.quantize(_request(z, codebook, temperature, knn_k=K))
     fresh = backends.TritonBackend(load=lambda: fake_triton_kernels)
     fake_triton_kernels.fail_with = ValueError("knn_loss: k=99 neighbours per code vector requested")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="k=99"):
-            fresh.quantize(z, codebook, temperature, knn_k=K)
+            fresh.quantize(_request(z, codebook, temperature, knn_k=K))
     assert not fresh.fell_back
 
 
@@ -370,3 +381,87 @@ def test_quantizer_on_the_sync_free_path_equals_the_compacting_path(monkeypatch,
         torch.testing.assert_close(got.stats[key], want.stats[key], msg=key)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The request: every option checked once, when it is made
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"distance": "dot"}, r"streamed_softmax_quantize: distance must be 'cosine' or 'euclid', got 'dot'"),
+        ({"scope": "world"}, r"scope must be 'local' or 'global', got 'world'"),
+        ({"chunk_size": 0}, r"chunk_size must be a positive integer \(rows per chunk\) or None, got 0"),
+        ({"compute_output": 1}, r"compute_output must be True or False, got 1"),
+        ({"knn_k": 0}, r"knn_loss: k must be a positive integer, got 0"),
+        ({"knn_k": 2, "knn_distance": "kl"}, r"knn_loss: distance must be 'ce' or 'l2', got 'kl'"),
+        ({"knn_k": 2, "vertices": torch.zeros(3, 1, dtype=torch.long)}, r"vertices must have shape \(S,\) or \(G=2"),
+        ({"knn_k": 2, "vertices": torch.tensor([0.5])}, r"vertices must be an integer tensor"),
+        ({"valid": torch.ones(N, dtype=torch.long)}, r"valid must be a bool tensor of shape \(N,\) = \(37,\)"),
+        ({"temperature": torch.ones(3)}, r"temperature must have shape \(G,\) = \(2,\), got \(3,\)"),
+        ({"z": torch.zeros(N, G + 1, D)}, r"z must be \(N, G, d\) and codebook \(G, M, d\)"),
+    ],
+)
+def test_request_names_a_bad_option(options, message):
+    z, codebook, temperature = _inputs(torch.float64)
+    inputs = {"z": z, "codebook": codebook, "temperature": temperature}
+    with pytest.raises(ValueError, match=message):
+        StreamedRequest(**{**inputs, **options})
+
+
+def test_request_normalises_its_options_and_copies_with_changes():
+    z, codebook, temperature = _inputs(torch.float64)
+    request = StreamedRequest(
+        z=z, codebook=codebook, temperature=temperature, knn_k=torch.tensor(3).item(), vertices=torch.tensor([1, 4])
+    )
+    assert request.vertices.shape == (G, 2) and request.vertices.dtype == torch.long
+    assert request.options()["knn_k"] == 3 and "chunk_size" not in request.options(chunk_size=False)
+    assert set(request.options()) == {f.name for f in dataclasses.fields(StreamedRequest)} - {
+        "z",
+        "codebook",
+        "temperature",
+    }
+    without_knn = StreamedRequest(z=z, codebook=codebook, temperature=temperature, vertices=torch.tensor([1, 4]))
+    assert without_knn.vertices is None  # a vertex subset means nothing without the regularizer
+    with pytest.raises(ValueError, match="scope must be"):
+        request.replace(scope="everywhere")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.knn_k = 4
+
+
+def test_every_backend_takes_the_same_request():
+    """One request, three backends: the object is not changed by a call (the CPU backend's hint lives in it)."""
+    z, codebook, temperature = _inputs(torch.float64, seed=9)
+    request = _request(z, codebook, temperature, knn_k=K, chunk_size=CHUNK, valid=_valid(True))
+    before = dict(request.options())
+    losses = [_backend(name).quantize(request).knn_loss for name in ("reference", "cpu", "triton")]
+    assert request.options().keys() == before.keys()
+    assert all(request.options()[key] is value for key, value in before.items())
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(losses[2], losses[0])
+
+
+def test_backend_names_are_declared_once():
+    from simplexvq import config
+    from simplexvq.scale.backends import names
+
+    assert config.BACKENDS is names.BACKEND_NAMES and backends.BACKEND_CHOICES is names.BACKEND_NAMES
+    assert typing.get_args(config.Backend) == names.BACKEND_NAMES
+    for name in names.CONCRETE_BACKENDS:
+        assert backends.make_backend(name).name == name
+    with pytest.raises(ValueError, match="make_backend: name must be one of reference, cpu, triton, got 'auto'"):
+        backends.make_backend("auto")
+
+
+def test_the_fallback_reason_is_recorded():
+    fake_triton_kernels.fail_with = RuntimeError("no kernel image is available for execution on the device")
+    backend = backends.TritonBackend(load=lambda: fake_triton_kernels)
+    assert backend.fallback_reason is None
+    with pytest.warns(RuntimeWarning):
+        _quantize_twice(backend)
+    assert backend.fell_back
+    assert backend.fallback_reason == (
+        "the kernels failed at their first call: RuntimeError: no kernel image is available for execution on the device"
+    )

@@ -26,12 +26,14 @@ from torch.utils._pytree import tree_flatten
 
 import simplexvq
 from simplexvq import functional as VQF
-from simplexvq.efficient import soft_quantize, streamed_softmax_quantize
-from simplexvq.knn import RunningTopK, select_among_gathered, streamed_topk
+from simplexvq.scale import soft_quantize, streamed_softmax_quantize
 from simplexvq.scale.backends import CpuBackend
 from simplexvq.scale.backends.blockmax import BlockMaxima
 from simplexvq.scale.backends.candidates import merge_scores
 from simplexvq.scale.backends.ceiling import CeilingTopK, kept_per_column
+from simplexvq.scale.distributed import select_among_gathered
+from simplexvq.scale.knn_loss import knn_loss_scaled
+from simplexvq.scale.topk import RunningTopK, streamed_topk
 
 DT = torch.float64
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +183,7 @@ def test_streamed_knn_loss_equals_dense(shape, distance, chunk_size):
     mask[[1, 5]] = False
     for k in (1, 3, int(mask.sum())):
         dense = VQF.knn_loss(log_probs, k, distance, mask=mask)
-        streamed = VQF.knn_loss(log_probs, k, distance, mask=mask, chunk_size=chunk_size)
+        streamed = knn_loss_scaled(log_probs, k, distance, mask=mask, chunk_size=chunk_size)
         torch.testing.assert_close(streamed, dense)
         weight = torch.tensor(1.7, dtype=DT)
         (expected,) = _grads(dense, [log_probs], weight)
@@ -198,7 +200,7 @@ def test_vertex_subset_matches_naive(distance, chunk_size, shared):
     log_probs = _log_probs((7, 2, 5), seed=3).requires_grad_(True)
     vertices = torch.tensor([1, 4]) if shared else torch.tensor([[0, 3], [2, 4]])
     per_group = vertices.expand(2, -1) if shared else vertices
-    got = VQF.knn_loss(log_probs, 3, distance, vertices=vertices, chunk_size=chunk_size)
+    got = knn_loss_scaled(log_probs, 3, distance, vertices=vertices, chunk_size=chunk_size)
     expected = naive_subset_knn(log_probs, 3, distance, per_group)
     torch.testing.assert_close(got, expected)
     for g_got, g_exp in zip(_grads(got, [log_probs]), _grads(expected, [log_probs]), strict=True):
@@ -211,7 +213,7 @@ def test_vertex_subsampling_is_unbiased(distance):
     log_probs = _log_probs((6, 2, 5), seed=4).requires_grad_(True)
     full = VQF.knn_loss(log_probs, 2, distance)
     subsets = [torch.tensor(s) for s in itertools.combinations(range(5), 2)]
-    losses = [VQF.knn_loss(log_probs, 2, distance, vertices=s) for s in subsets]
+    losses = [knn_loss_scaled(log_probs, 2, distance, vertices=s) for s in subsets]
     mean_loss = torch.stack(losses).mean()
     torch.testing.assert_close(mean_loss, full)
     torch.testing.assert_close(_grads(mean_loss, [log_probs])[0], _grads(full, [log_probs])[0])
@@ -223,11 +225,11 @@ def test_global_scope_without_process_group_is_local():
     log_probs = _log_probs((6, 2, 4), seed=5).requires_grad_(True)
     for chunk_size in (None, 2):
         local = VQF.knn_loss(log_probs, 2, "l2")
-        global_ = VQF.knn_loss(log_probs, 2, "l2", scope="global", chunk_size=chunk_size)
+        global_ = knn_loss_scaled(log_probs, 2, "l2", scope="global", chunk_size=chunk_size)
         torch.testing.assert_close(global_, local)
         torch.testing.assert_close(_grads(global_, [log_probs])[0], _grads(local, [log_probs])[0])
     with pytest.raises(ValueError, match=r"k=7.*N=6"):
-        VQF.knn_loss(log_probs, 7, scope="global")
+        knn_loss_scaled(log_probs, 7, scope="global")
 
 
 def test_select_among_gathered_is_the_global_topk():
@@ -281,7 +283,7 @@ def test_select_among_gathered_prefers_infinite_deviations_to_empty_slots():
 )
 def test_knn_loss_bad_scale_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        VQF.knn_loss(_log_probs((5, 2, 4), seed=8), 2, **kwargs)
+        knn_loss_scaled(_log_probs((5, 2, 4), seed=8), 2, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def _dense(z, codebook, temperature, distance, k=None, knn_distance="ce", vertic
         logits = VQF.euclidean_logits(z, codebook, temperature)
     log_pi = torch.log_softmax(logits, dim=-1)
     pi = log_pi.exp()
-    loss = None if k is None else VQF.knn_loss(log_pi, k, knn_distance, vertices=vertices)
+    loss = None if k is None else knn_loss_scaled(log_pi, k, knn_distance, vertices=vertices)
     return torch.einsum("ngm,gmd->ngd", pi, codebook), loss, pi
 
 
@@ -704,3 +706,96 @@ def test_streamed_quantize_with_a_hint_equals_without():
         losses = [quantizer(x).losses["knn_ce"] for quantizer in (efficient, dense)]
         torch.testing.assert_close(losses[0], losses[1])
         assert isinstance(efficient.streamed_backend, CpuBackend) and efficient.streamed_backend.knn_hint is not None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The compatibility modules simplexvq.knn / simplexvq.efficient: re-exports for users, imported by nothing inside
+# --------------------------------------------------------------------------------------------------------------
+
+COMPAT_MODULES = ("simplexvq.knn", "simplexvq.efficient")
+
+
+def _imported_modules(path: Path, package: str | None = None) -> set[str]:
+    """Every module a source file of ``package`` (default: its place under plugin/) imports, ``from simplexvq
+    import knn`` counted as ``simplexvq.knn``."""
+    import ast
+
+    names: set[str] = set()
+    if package is None:
+        package = ".".join(path.relative_to(REPO_ROOT / "plugin").with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_core_module_imports_the_compatibility_modules():
+    sources = sorted((REPO_ROOT / "plugin" / "simplexvq").rglob("*.py"))
+    assert len(sources) > 30
+    offenders = {
+        str(path.relative_to(REPO_ROOT)): sorted(_imported_modules(path) & set(COMPAT_MODULES))
+        for path in sources
+        if path.stem not in ("knn", "efficient") or path.parent.name != "simplexvq"
+    }
+    assert {path: found for path, found in offenders.items() if found} == {}
+
+
+def test_the_import_checker_sees_every_import_form(tmp_path):
+    """The checker above must flag each way of importing a compatibility module (else it could never fail)."""
+    module = tmp_path / "probe.py"
+    forms = [
+        "import simplexvq.knn",
+        "from simplexvq import efficient",
+        "from .. import knn",
+        "from ..efficient import x",
+    ]
+    for form in forms:
+        module.write_text(form + "\n")
+        assert _imported_modules(module, "simplexvq.scale") & set(COMPAT_MODULES), form
+    module.write_text("from simplexvq.scale import knn_loss\nimport simplexvq.knnx\n")
+    assert not _imported_modules(module, "simplexvq.scale") & set(COMPAT_MODULES)
+
+
+def test_using_the_library_never_loads_the_compatibility_modules():
+    """A training step on every backend, the functional and at-scale KNN loss and the kernels' module in a fresh
+    interpreter: ``simplexvq.knn`` and ``simplexvq.efficient`` stay unloaded."""
+    code = """
+import sys, warnings
+import torch, simplexvq
+from simplexvq import functional as VQF
+from simplexvq.scale import knn_loss_scaled
+import simplexvq.scale.triton
+warnings.simplefilter("ignore")
+for backend in ("reference", "cpu", "triton", "auto"):
+    q = simplexvq.build_quantizer("softmax-knn_ce", dim=8, codebook_size=6, knn_k=2, memory_efficient=True,
+                                  backend=backend)
+    q(torch.randn(3, 5, 8)).loss.backward()
+simplexvq.build_quantizer("softmax-knn_l2", dim=8, codebook_size=6, knn_k=2, chunk_size=2)(torch.randn(9, 8))
+lp = torch.randn(7, 2, 5).log_softmax(-1)
+VQF.knn_loss(lp, 2), knn_loss_scaled(lp, 2, chunk_size=3)
+print(sorted(m for m in ("simplexvq.knn", "simplexvq.efficient") if m in sys.modules))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_compatibility_modules_re_export_the_same_objects():
+    import simplexvq.efficient as efficient
+    import simplexvq.knn as knn
+    from simplexvq import scale
+    from simplexvq.scale import distributed, topk
+
+    assert efficient.streamed_softmax_quantize is scale.streamed_softmax_quantize
+    assert efficient.soft_quantize is scale.soft_quantize
+    assert efficient.StreamedRequest is scale.StreamedRequest
+    assert knn.knn_loss_scaled is knn_loss_scaled
+    assert knn.select_global is distributed.select_global and knn.streamed_topk is topk.streamed_topk

@@ -6,13 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from simplexvq.scale.backends.names import BACKEND_NAMES, BackendName
+
 Method = Literal["softmax", "soft_gumbel", "hard_gumbel", "ste", "rotation", "simvq"]
 Regularizer = Literal["knn_ce", "knn_l2", "perplexity", "none"]
 Distance = Literal["cosine", "euclid"]
 Inference = Literal["hard", "soft"]
 
 KnnScope = Literal["local", "global"]
-Backend = Literal["auto", "reference", "cpu", "triton"]
+Backend = BackendName
 
 SMOOTHING_METHODS: tuple[str, ...] = ("softmax", "soft_gumbel", "hard_gumbel")
 HARD_METHODS: tuple[str, ...] = ("ste", "rotation", "simvq")
@@ -21,7 +23,7 @@ REGULARIZERS: tuple[str, ...] = ("knn_ce", "knn_l2", "perplexity", "none")
 DISTANCES: tuple[str, ...] = ("cosine", "euclid")
 KNN_REGULARIZERS: tuple[str, ...] = ("knn_ce", "knn_l2")
 KNN_SCOPES: tuple[str, ...] = ("local", "global")
-BACKENDS: tuple[str, ...] = ("auto", "reference", "cpu", "triton")
+BACKENDS: tuple[str, ...] = BACKEND_NAMES
 
 
 @dataclass(kw_only=True)

@@ -11,14 +11,14 @@ dimension of one group's code vectors.
 from __future__ import annotations
 
 import numbers
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from simplexvq.scale.checks import SCOPES, KnnDistance, KnnScope, check_chunk_size
-from simplexvq.scale.knn_loss import knn_loss_scaled
+KnnDistance = Literal["ce", "l2"]
+"""The deviation of eq. 13: cross-entropy or squared L2."""
 
 __all__ = [
     "codebook_loss",
@@ -181,10 +181,6 @@ def knn_loss(
     distance: KnnDistance = "ce",
     *,
     mask: Tensor | None = None,
-    scope: KnnScope = "local",
-    chunk_size: int | None = None,
-    vertices: Tensor | None = None,
-    group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """KNN regularizer, eq. 13: ``(MK)^-1 sum_m sum_k D(e_m, p^(m,k))``, averaged over groups.
 
@@ -200,19 +196,9 @@ def knn_loss(
     ``k`` larger than the number of rows is an error (we do not silently clamp, because a smaller K changes the
     loss the user asked for).
 
-    At scale (implemented in :mod:`simplexvq.knn`):
-
-    * ``scope="global"``: the K nearest rows of each vertex are searched among the batches of all ranks of
-      ``group`` (default: the world), not only the local one (the paper searches per GPU, ``"local"``). The value
-      is the single-process loss on the concatenated batch, on every rank; the gradient is W times this rank's
-      share, so that DDP's gradient averaging yields the single-process gradient. Every rank must call it (also
-      with zero rows). Without an initialised process group, or with one rank, it is the local loss. K larger
-      than the global number of rows is an error.
-    * ``chunk_size``: stream the top-K over chunks of rows and compute the gradient in chunks (no (N, G, M)
-      temporary besides the gradient itself); same value and gradient as the dense computation.
-    * ``vertices``: (S,) or (G, S) code indices; only these vertices enter the sum, normalised by ``S K``
-      instead of ``M K`` (a random subset per step is an unbiased estimate of the full loss, section 5.3). Under
-      ``scope="global"`` every rank must pass the same subset.
+    This is the dense computation; :func:`simplexvq.scale.knn_loss.knn_loss_scaled` gives the same loss with
+    neighbours searched across ranks, a streamed top-K and vertex subsets, and the KNN regularizer
+    (:mod:`simplexvq.regularizers`) picks between the two.
     """
     log_probs = _as_groups(log_probs, "log_probs", "knn_loss")
     log_probs = _select_rows(log_probs, mask, "knn_loss")
@@ -221,13 +207,6 @@ def knn_loss(
     k = int(k)
     if distance not in ("ce", "l2"):
         raise ValueError(f"knn_loss: distance must be 'ce' or 'l2', got {distance!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"knn_loss: scope must be 'local' or 'global', got {scope!r}")
-    chunk_size = check_chunk_size(chunk_size, "knn_loss")
-    if scope != "local" or chunk_size is not None or vertices is not None:
-        return knn_loss_scaled(
-            log_probs, k, distance, scope=scope, chunk_size=chunk_size, vertices=vertices, group=group
-        )
     num_rows = log_probs.shape[0]
     if k > num_rows:
         raise ValueError(

@@ -7,15 +7,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from simplexvq import functional as VQF
-from simplexvq import knn
 from simplexvq.codebook import Codebook, SimVQCodebook
 from simplexvq.config import KNN_REGULARIZERS, QuantizerConfig
 from simplexvq.hard import ESTIMATORS, hard_losses, nearest_codes
 from simplexvq.logits import CodeLogits
 from simplexvq.output import QuantizerOutput
-from simplexvq.regularizers import REGULARIZERS
+from simplexvq.regularizers import REGULARIZERS, knn_regularizer
 from simplexvq.scale.backends import StreamedBackend, make_backend, resolve_backend
+from simplexvq.scale.distributed import world_of
+from simplexvq.scale.streamed import StreamedRequest
 from simplexvq.smoothing import SMOOTHINGS
 from simplexvq.stats import hard_code_stats, probability_stats
 from simplexvq.validation import check_quantizer_input
@@ -96,7 +96,7 @@ class ProductQuantizer(nn.Module):
     @property
     def _global_knn(self) -> bool:
         """True when the KNN regularizer searches across ranks of an initialised, multi-rank process group."""
-        return self.config.regularizer in KNN_REGULARIZERS and knn.world_of(self.config.knn_scope) is not None
+        return self.config.regularizer in KNN_REGULARIZERS and world_of(self.config.knn_scope) is not None
 
     # ----------------------------------------------------------------------------------------------------------
     def forward(self, z: Tensor, padding_mask: Tensor | None = None, *, return_probs: bool = False) -> QuantizerOutput:
@@ -199,7 +199,7 @@ class ProductQuantizer(nn.Module):
 
     def _knn(self, log_probs: Tensor) -> Tensor:
         config = self.config
-        return VQF.knn_loss(
+        return knn_regularizer(
             log_probs,
             config.knn_k,
             config.regularizer.removeprefix("knn_"),
@@ -254,10 +254,10 @@ class ProductQuantizer(nn.Module):
         codebook = self.codebook().to(x.dtype)
         knn_reg = config.regularizer in KNN_REGULARIZERS and self._knn_defined(x.shape[0])
         soft_output = self.training or config.inference == "soft"
-        result = self._backend_for(x).quantize(
-            x,
-            codebook,
-            self.logits.temperature.to(x.dtype),
+        request = StreamedRequest(
+            z=x,
+            codebook=codebook,
+            temperature=self.logits.temperature.to(x.dtype),
             distance=config.distance,
             knn_k=config.knn_k if knn_reg else None,
             knn_distance=config.regularizer.removeprefix("knn_") if knn_reg else "ce",
@@ -267,6 +267,7 @@ class ProductQuantizer(nn.Module):
             vertices=self._knn_vertices(x.device) if knn_reg else None,
             valid=valid,
         )
+        result = self._backend_for(x).quantize(request)
         if soft_output:
             quantized = result.quantized
         else:  # the hard code vectors, as the dense path's onehot @ Q (zero rows at padding)

@@ -8,7 +8,7 @@ reported loss, the parameter gradients after DDP-style averaging over ranks and 
 The test imports this file to rebuild the same data and computes the single-process references on the
 concatenated batch.
 
-* ``FUNCTIONAL``: ``functional.knn_loss`` on ``log_softmax(z P)`` with a shared parameter P; the gradient of P is
+* ``FUNCTIONAL``: ``knn_loss_scaled`` on ``log_softmax(z P)`` with a shared parameter P; the gradient of P is
   averaged over ranks by hand (``all_reduce`` / W), as DDP does. Shards are uneven, one rank may hold fewer rows
   than K, or none.
 * ``QUANTIZER``: a :class:`~simplexvq.ProductQuantizer` wrapped in ``DistributedDataParallel`` (gradients averaged
@@ -118,12 +118,12 @@ def functional_data(name: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, i
 
 
 def functional_loss(name: str, z: torch.Tensor, weight: torch.Tensor, scope: str) -> torch.Tensor:
-    from simplexvq import functional as VQF
+    from simplexvq.scale.knn_loss import knn_loss_scaled
 
     case = {**FUNCTIONAL, **ERRORS}[name]
     log_probs = torch.log_softmax(torch.einsum("ngf,gfm->ngm", z, weight), dim=-1)
     vertices = case.get("vertices")
-    return VQF.knn_loss(
+    return knn_loss_scaled(
         log_probs,
         case["k"],
         case["distance"],

@@ -1,4 +1,6 @@
-"""Eq. 13 on given log-probabilities at scale: ``functional.knn_loss`` with ``scope``, ``chunk_size``, ``vertices``."""
+"""Eq. 13 on given log-probabilities at scale: the dense ``functional.knn_loss`` with ``scope``, ``chunk_size`` and
+``vertices`` (:func:`knn_loss_scaled`); the KNN regularizer (:mod:`simplexvq.regularizers`) calls it when one of
+them is set."""
 
 from __future__ import annotations
 
@@ -6,7 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from simplexvq.scale.checks import KnnDistance, KnnScope, check_k_fits, check_vertices
+from simplexvq.scale.checks import (
+    KnnDistance,
+    KnnScope,
+    check_chunk_size,
+    check_k,
+    check_k_fits,
+    check_vertices,
+)
 from simplexvq.scale.deviation import deviation
 from simplexvq.scale.distributed import global_row_count, select_global, with_scaled_gradient, world_of
 from simplexvq.scale.topk import empty_slots_last, streamed_topk
@@ -17,22 +26,37 @@ __all__ = ["knn_loss_scaled", "selected_entries"]
 def knn_loss_scaled(
     log_probs: Tensor,
     k: int,
-    distance: KnnDistance,
+    distance: KnnDistance = "ce",
     *,
+    mask: Tensor | None = None,
     scope: KnnScope = "local",
     chunk_size: int | None = None,
     vertices: Tensor | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> Tensor:
-    """Eq. 13 on (N, G, M) log-probabilities (rows already masked), locally or globally, dense or streamed.
+    """Eq. 13 (:func:`simplexvq.functional.knn_loss`) on (N, M) or (N, G, M) log-probabilities at scale.
 
-    The value is ``(K G S)^-1`` times the sum, over every (group, vertex) column, of the K smallest deviations
-    (over all ranks for a global search). For the global search the gradient is W times this rank's share (see
-    the module docstring). ``chunk_size`` streams the top-K over rows and computes the gradient in chunks with an
-    analytic backward, so no (N, G, M) temporary beyond the gradient itself is built. Under ``torch.compile`` the
-    dense top-K is used whatever ``chunk_size`` says (same value and gradient; the streamed top-K extracts
-    candidates with data-dependent sizes, which a traced graph cannot hold).
+    ``mask`` (N,) bool marks the rows that take part (padding excluded), as in the dense function. Beyond it:
+
+    * ``scope="global"``: the K nearest rows of each vertex are searched among the batches of all ranks of
+      ``group`` (default: the world), not only the local one (the paper searches per GPU, ``"local"``). The value
+      is the single-process loss on the concatenated batch, on every rank; the gradient is W times this rank's
+      share (see :mod:`simplexvq.scale.distributed`), so that DDP's gradient averaging yields the single-process
+      gradient. Every rank must call it (also with zero rows). Without an initialised process group, or with one
+      rank, it is the local loss. K larger than the global number of rows is an error.
+    * ``chunk_size``: stream the top-K over chunks of rows and compute the gradient in chunks with an analytic
+      backward (no (N, G, M) temporary besides the gradient itself); same value and gradient as the dense
+      computation. Under ``torch.compile`` the dense top-K is used whatever ``chunk_size`` says (same value and
+      gradient; the streamed top-K extracts candidates with data-dependent sizes, which a traced graph cannot hold).
+    * ``vertices``: (S,) or (G, S) code indices; only these vertices enter the sum, normalised by ``S K`` instead
+      of ``M K`` (a random subset per step is an unbiased estimate of the full loss, section 5.3). Under
+      ``scope="global"`` every rank must pass the same subset.
     """
+    log_probs = _rows_of(log_probs, mask)
+    k = check_k(k, "knn_loss")
+    if distance not in ("ce", "l2"):
+        raise ValueError(f"knn_loss: distance must be 'ce' or 'l2', got {distance!r}")
+    chunk_size = check_chunk_size(chunk_size, "knn_loss")
     world = world_of(scope, group)
     num_rows, groups, codebook_size = log_probs.shape
     vertices = check_vertices(vertices, groups, codebook_size, "knn_loss")
@@ -71,6 +95,25 @@ def knn_loss_scaled(
     return _SelectedDeviation.apply(
         log_probs, total / normaliser, state.rows, selected, vertices, distance, scale / normaliser, chunk_size
     )
+
+
+def _rows_of(log_probs: Tensor, mask: Tensor | None) -> Tensor:
+    """(N, M) as (N, 1, M), (N, G, M) as it is, restricted to the rows ``mask`` keeps."""
+    if log_probs.dim() not in (2, 3):
+        raise ValueError(
+            f"knn_loss: log_probs must have shape (N, M) or (N, G, M), got {tuple(log_probs.shape)}; "
+            "flatten batch and time/space dimensions into N first"
+        )
+    if log_probs.dim() == 2:
+        log_probs = log_probs.unsqueeze(1)
+    if mask is None:
+        return log_probs
+    if mask.shape != log_probs.shape[:1] or mask.dtype != torch.bool:
+        raise ValueError(
+            f"knn_loss: mask must be a bool tensor of shape ({log_probs.shape[0]},) marking the positions to keep, "
+            f"got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    return log_probs[mask]
 
 
 def selected_entries(rows: Tensor, selected: Tensor, groups: int, vertices: Tensor | None) -> tuple[Tensor, ...]:

@@ -15,13 +15,18 @@ import torch
 
 from simplexvq.scale.backends.base import StreamedBackend
 from simplexvq.scale.backends.cpu import CpuBackend, cpu_streamed_softmax_quantize
+from simplexvq.scale.backends.names import BACKEND_NAMES, CONCRETE_BACKENDS, BackendName
 from simplexvq.scale.backends.reference import ReferenceBackend, reference_streamed_softmax_quantize
 from simplexvq.scale.backends.triton_backend import TritonBackend, load_triton_kernels
 
-BACKEND_CHOICES: tuple[str, ...] = ("auto", "reference", "cpu", "triton")
+BACKEND_CHOICES = BACKEND_NAMES
+"""The names of :mod:`.names`, under the name this package has exported them."""
 
 __all__ = [
     "BACKEND_CHOICES",
+    "BACKEND_NAMES",
+    "CONCRETE_BACKENDS",
+    "BackendName",
     "CpuBackend",
     "ReferenceBackend",
     "StreamedBackend",
@@ -41,8 +46,8 @@ filesystem lookup inside a traced or compiled step)."""
 
 def resolve_backend(choice: str, device: torch.device) -> str:
     """The backend ``choice`` names for tensors on ``device``: itself, or what ``"auto"`` picks there."""
-    if choice not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {choice!r}")
+    if choice not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {choice!r}")
     if choice != "auto":
         return choice
     if device.type == "cpu":
@@ -50,9 +55,12 @@ def resolve_backend(choice: str, device: torch.device) -> str:
     return "triton" if TRITON_INSTALLED else "reference"
 
 
+_CLASSES: dict[str, type[StreamedBackend]] = {cls.name: cls for cls in (ReferenceBackend, CpuBackend, TritonBackend)}
+assert tuple(sorted(_CLASSES)) == tuple(sorted(CONCRETE_BACKENDS)), "a backend name without its class"
+
+
 def make_backend(name: str) -> StreamedBackend:
-    """A fresh backend object (``"reference"``, ``"cpu"`` or ``"triton"``)."""
-    backends = {"reference": ReferenceBackend, "cpu": CpuBackend, "triton": TritonBackend}
-    if name not in backends:
-        raise ValueError(f"make_backend: name must be 'reference', 'cpu' or 'triton', got {name!r}")
-    return backends[name]()
+    """A fresh backend object, for one of :data:`CONCRETE_BACKENDS`."""
+    if name not in _CLASSES:
+        raise ValueError(f"make_backend: name must be one of {', '.join(CONCRETE_BACKENDS)}, got {name!r}")
+    return _CLASSES[name]()

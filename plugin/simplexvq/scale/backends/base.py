@@ -5,12 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-import torch.distributed as dist
-from torch import Tensor
-
-from simplexvq.scale.attention import LogitsKind
-from simplexvq.scale.checks import KnnDistance, KnnScope
-from simplexvq.scale.streamed import StreamedQuantization
+from simplexvq.scale.streamed import StreamedQuantization, StreamedRequest
 
 __all__ = ["StreamedBackend"]
 
@@ -27,20 +22,5 @@ class StreamedBackend(ABC):
     sync_free: ClassVar[bool] = False
 
     @abstractmethod
-    def quantize(
-        self,
-        z: Tensor,
-        codebook: Tensor,
-        temperature: Tensor,
-        *,
-        distance: LogitsKind = "cosine",
-        knn_k: int | None = None,
-        knn_distance: KnnDistance = "ce",
-        compute_output: bool = True,
-        chunk_size: int | None = None,
-        scope: KnnScope = "local",
-        vertices: Tensor | None = None,
-        group: dist.ProcessGroup | None = None,
-        valid: Tensor | None = None,
-    ) -> StreamedQuantization:
-        """Quantize ``z`` (N, G, d) with ``codebook`` (G, M, d) and ``temperature`` (G,) (see the contract)."""
+    def quantize(self, request: StreamedRequest) -> StreamedQuantization:
+        """Quantize the request's ``z`` (N, G, d) with its ``codebook`` (G, M, d) and ``temperature`` (G,)."""

@@ -14,9 +14,9 @@ candidate extraction reads sizes back from the device (``nonzero``), so it is no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from simplexvq import functional as VQF
@@ -24,53 +24,37 @@ from simplexvq.scale.attention import LogitsKind, attention_keys, attention_quer
 from simplexvq.scale.backends.base import StreamedBackend
 from simplexvq.scale.backends.blockmax import BlockMaxima
 from simplexvq.scale.backends.ceiling import CeilingTopK
-from simplexvq.scale.checks import KnnDistance, KnnScope
+from simplexvq.scale.checks import KnnDistance
 from simplexvq.scale.deviation import vertex_columns
 from simplexvq.scale.distributed import World, select_global
 from simplexvq.scale.knn_loss import selected_entries
-from simplexvq.scale.streamed import StreamedQuantization, check_streamed_arguments, expand_rows
+from simplexvq.scale.streamed import StreamedQuantization, StreamedRequest, check_streamed_arguments, expand_rows
 from simplexvq.scale.topk import RunningTopK, default_chunk_size, empty_slots_last
 
-__all__ = ["CpuBackend", "cpu_streamed_softmax_quantize"]
+__all__ = ["CpuBackend", "cpu_quantize", "cpu_streamed_softmax_quantize"]
 
 
 def cpu_streamed_softmax_quantize(
-    z: Tensor,
-    codebook: Tensor,
-    temperature: Tensor,
-    *,
-    distance: LogitsKind = "cosine",
-    knn_k: int | None = None,
-    knn_distance: KnnDistance = "ce",
-    compute_output: bool = True,
-    chunk_size: int | None = None,
-    scope: KnnScope = "local",
-    vertices: Tensor | None = None,
-    group: dist.ProcessGroup | None = None,
-    knn_hint: Tensor | None = None,
-    valid: Tensor | None = None,
+    z: Tensor, codebook: Tensor, temperature: Tensor, *, knn_hint: Tensor | None = None, **options: Any
 ) -> StreamedQuantization:
     """Softmax smoothing of ``z`` (N, G, d) with ``codebook`` (G, M, d), streamed over chunks of rows (the contract
-    of :mod:`simplexvq.scale.streamed`).
+    of :mod:`simplexvq.scale.streamed`); ``options`` are the fields of
+    :class:`~simplexvq.scale.streamed.StreamedRequest`.
 
     ``chunk_size`` defaults to about 4M elements per (chunk, G, M) buffer. ``scope="global"`` joins collectives:
     call it on every rank, also with N = 0. ``knn_hint``: the previous call's ``result.knn_hint`` (same codebook
     shape); it makes the KNN-CE search faster and never changes its result (ties aside). ``valid`` (N,) bool: the
     rows to use; the others are left out before the computation (compacted) and put back as zeros / -1.
     """
-    args = check_streamed_arguments(
-        z,
-        codebook,
-        distance=distance,
-        knn_k=knn_k,
-        knn_distance=knn_distance,
-        chunk_size=chunk_size,
-        scope=scope,
-        vertices=vertices,
-        group=group,
-        valid=valid,
-        function="streamed_softmax_quantize",
-    )
+    request = StreamedRequest(z=z, codebook=codebook, temperature=temperature, **options)
+    return cpu_quantize(request, knn_hint)
+
+
+def cpu_quantize(request: StreamedRequest, knn_hint: Tensor | None = None) -> StreamedQuantization:
+    """:func:`cpu_streamed_softmax_quantize` of a request made (and checked) already."""
+    args = check_streamed_arguments(request)
+    z, codebook, temperature = request.inputs
+    valid, compute_output = request.valid, request.compute_output
     groups, codebook_size = codebook.shape[:2]
     if knn_hint is not None:
         knn_hint = knn_hint.detach()
@@ -81,15 +65,15 @@ def cpu_streamed_softmax_quantize(
             )
     rows = z if valid is None else z[valid]
     spec = _Spec(
-        logits=distance,
-        k=args.k,
-        distance=knn_distance,
+        logits=request.distance,
+        k=request.knn_k,
+        distance=request.knn_distance,
         compute_output=compute_output,
-        chunk_size=args.chunk_size or default_chunk_size(groups * codebook_size),
+        chunk_size=request.chunk_size or default_chunk_size(groups * codebook_size),
         world=args.world,
     )
     quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum, next_hint = _StreamedSoftmax.apply(
-        rows, codebook, temperature, args.vertices, knn_hint, spec
+        rows, codebook, temperature, request.vertices, knn_hint, spec
     )
     num_rows = rows.shape[0]
     stats = {
@@ -99,7 +83,7 @@ def cpu_streamed_softmax_quantize(
     }
     result = StreamedQuantization(
         quantized=quantized if compute_output else None,
-        knn_loss=loss if args.k is not None else None,
+        knn_loss=loss if request.knn_k is not None else None,
         indices=indices,
         stats=stats,
         knn_hint=next_hint if next_hint.numel() else None,
@@ -119,40 +103,12 @@ class CpuBackend(StreamedBackend):
     def __init__(self) -> None:
         self.knn_hint: Tensor | None = None
 
-    def quantize(  # noqa: D102
-        self,
-        z: Tensor,
-        codebook: Tensor,
-        temperature: Tensor,
-        *,
-        distance: LogitsKind = "cosine",
-        knn_k: int | None = None,
-        knn_distance: KnnDistance = "ce",
-        compute_output: bool = True,
-        chunk_size: int | None = None,
-        scope: KnnScope = "local",
-        vertices: Tensor | None = None,
-        group: dist.ProcessGroup | None = None,
-        valid: Tensor | None = None,
-    ) -> StreamedQuantization:
+    def quantize(self, request: StreamedRequest) -> StreamedQuantization:  # noqa: D102
+        z, codebook = request.z, request.codebook
         hint = None if self.knn_hint is None else self.knn_hint.to(device=z.device, dtype=z.dtype)
         if hint is not None and hint.shape != (codebook.shape[0] * codebook.shape[1],):
             hint = None  # a different codebook shape: start without a ceiling
-        result = cpu_streamed_softmax_quantize(
-            z,
-            codebook,
-            temperature,
-            distance=distance,
-            knn_k=knn_k,
-            knn_distance=knn_distance,
-            compute_output=compute_output,
-            chunk_size=chunk_size,
-            scope=scope,
-            vertices=vertices,
-            group=group,
-            knn_hint=hint,
-            valid=valid,
-        )
+        result = cpu_quantize(request, hint)
         self.knn_hint = result.knn_hint
         return result
 

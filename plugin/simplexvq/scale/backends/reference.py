@@ -22,20 +22,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from simplexvq import functional as VQF
 from simplexvq.scale.attention import LogitsKind
 from simplexvq.scale.backends.base import StreamedBackend
-from simplexvq.scale.checks import KnnDistance, KnnScope
+from simplexvq.scale.checks import KnnDistance
 from simplexvq.scale.deviation import deviation
 from simplexvq.scale.distributed import select_global, with_scaled_gradient
-from simplexvq.scale.streamed import StreamedQuantization, check_streamed_arguments
+from simplexvq.scale.streamed import StreamedQuantization, StreamedRequest, check_streamed_arguments
 from simplexvq.scale.topk import default_chunk_size, empty_slots_last
 
-__all__ = ["ReferenceBackend", "reference_streamed_softmax_quantize"]
+__all__ = ["ReferenceBackend", "reference_quantize", "reference_streamed_softmax_quantize"]
 
 
 def _logits(distance: LogitsKind, z: Tensor, codebook: Tensor, temperature: Tensor) -> Tensor:
@@ -45,44 +44,29 @@ def _logits(distance: LogitsKind, z: Tensor, codebook: Tensor, temperature: Tens
 
 
 def reference_streamed_softmax_quantize(
-    z: Tensor,
-    codebook: Tensor,
-    temperature: Tensor,
-    *,
-    distance: LogitsKind = "cosine",
-    knn_k: int | None = None,
-    knn_distance: KnnDistance = "ce",
-    compute_output: bool = True,
-    chunk_size: int | None = None,
-    scope: KnnScope = "local",
-    vertices: Tensor | None = None,
-    group: dist.ProcessGroup | None = None,
-    valid: Tensor | None = None,
+    z: Tensor, codebook: Tensor, temperature: Tensor, **options: Any
 ) -> StreamedQuantization:
     """Softmax smoothing of ``z`` (N, G, d) with ``codebook`` (G, M, d), streamed over chunks of rows (the contract
-    of :mod:`simplexvq.scale.streamed`). ``chunk_size`` defaults to about 4M elements per (chunk, G, M) buffer;
-    ``scope="global"`` joins collectives (call it on every rank, also with N = 0)."""
-    args = check_streamed_arguments(
-        z,
-        codebook,
-        distance=distance,
-        knn_k=knn_k,
-        knn_distance=knn_distance,
-        chunk_size=chunk_size,
-        scope=scope,
-        vertices=vertices,
-        group=group,
-        valid=valid,
-        function="reference_streamed_softmax_quantize",
-    )
+    of :mod:`simplexvq.scale.streamed`); ``options`` are the fields of
+    :class:`~simplexvq.scale.streamed.StreamedRequest`. ``chunk_size`` defaults to about 4M elements per
+    (chunk, G, M) buffer; ``scope="global"`` joins collectives (call it on every rank, also with N = 0)."""
+    return reference_quantize(StreamedRequest(z=z, codebook=codebook, temperature=temperature, **options))
+
+
+def reference_quantize(request: StreamedRequest) -> StreamedQuantization:
+    """:func:`reference_streamed_softmax_quantize` of a request made (and checked) already."""
+    args = check_streamed_arguments(request)
+    z, codebook, temperature = request.inputs
+    distance, knn_distance, compute_output = request.distance, request.knn_distance, request.compute_output
+    valid = request.valid
     num_rows, groups, _ = z.shape
     codebook_size = codebook.shape[1]
-    chunk = args.chunk_size or default_chunk_size(groups * codebook_size)
+    chunk = request.chunk_size or default_chunk_size(groups * codebook_size)
     spans = [(start, min(start + chunk, num_rows)) for start in range(0, num_rows, chunk)]
     if valid is None:
         valid = torch.ones(num_rows, dtype=torch.bool, device=z.device)
     z = torch.where(valid[:, None, None], z, z.new_zeros(()))  # padding may hold anything, even NaN
-    k, vertices = args.k, args.vertices
+    k, vertices = request.knn_k, request.vertices
     columns = groups * (codebook_size if vertices is None else vertices.shape[1])
 
     # Pass 1: codes, statistics, top-K per column.
@@ -189,5 +173,5 @@ class ReferenceBackend(StreamedBackend):
 
     name = "reference"
 
-    def quantize(self, z: Tensor, codebook: Tensor, temperature: Tensor, **options: Any) -> StreamedQuantization:  # noqa: D102
-        return reference_streamed_softmax_quantize(z, codebook, temperature, **options)
+    def quantize(self, request: StreamedRequest) -> StreamedQuantization:  # noqa: D102
+        return reference_quantize(request)

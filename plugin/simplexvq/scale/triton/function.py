@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from simplexvq import knn
+from simplexvq.scale.checks import KnnDistance
+from simplexvq.scale.distributed import World
 from simplexvq.scale.triton import launch
 from simplexvq.scale.triton.selection import select_global, selected_entries
 
@@ -33,9 +34,9 @@ class FusedSpec:
     """What one call computes: KNN size (``None``: no regularizer), its deviation, the output, the world."""
 
     k: int | None
-    knn_distance: knn.KnnDistance
+    knn_distance: KnnDistance
     compute_output: bool
-    world: knn.World | None
+    world: World | None
 
 
 def _subset_columns(vertices: Tensor, size: int) -> Tensor:

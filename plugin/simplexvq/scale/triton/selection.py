@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from simplexvq import knn
+from simplexvq.scale.distributed import World
 
 __all__ = ["Entries", "assert_k_fits", "select_global", "selected_entries", "valid_row_count"]
 
@@ -26,7 +26,7 @@ def valid_row_count(valid: Tensor | None, num_rows: int, device: torch.device) -
     return valid.sum(dtype=torch.int64)
 
 
-def assert_k_fits(k: int, count: Tensor, world: knn.World | None) -> Tensor:
+def assert_k_fits(k: int, count: Tensor, world: World | None) -> Tensor:
     """Check K against the (global) number of valid rows without a host read; returns the global count.
 
     With a world, the local count is summed over ranks (one ``all_reduce``, on every rank). The check runs on the
@@ -49,7 +49,7 @@ def assert_k_fits(k: int, count: Tensor, world: knn.World | None) -> Tensor:
     return count
 
 
-def select_global(values: Tensor, k: int, world: knn.World) -> tuple[Tensor, Tensor]:
+def select_global(values: Tensor, k: int, world: World) -> tuple[Tensor, Tensor]:
     """Global top-K over the local candidates ``values`` (K, C) of every rank (``+inf`` = no candidate).
 
     Returns the mask (K, C) of this rank's candidates among the K smallest of their column over all ranks, and
