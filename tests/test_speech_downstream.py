@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import warnings
 
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from simplexvq_recipes.speech.data import synthetic
 from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
+from simplexvq_recipes.speech.data.logmel import LogMel, mel_filterbank
 from simplexvq_recipes.speech.data.manifest import ManifestEntry, read_manifest, write_manifest
 from simplexvq_recipes.speech.downstream import asr_probe, export, extract_features
 from simplexvq_recipes.speech.pretraining.config import PretrainConfig, preset_path
@@ -270,6 +272,97 @@ def test_error_rates_and_greedy_ctc_decoding():
     assert asr_probe.greedy_decode(log_probs, length=7) == [1, 1, 2]
     tokenizer = asr_probe.train_tokenizer(["the cat sat on the mat", "a dog ran"] * 20, "char", 40)
     assert tokenizer.decode(tokenizer.encode("a cat ran")) == "a cat ran"
+
+
+def _naive_edit_distance(reference, hypothesis) -> int:
+    """Wagner-Fischer dynamic programme over the full table."""
+    table = [[i + j if i * j == 0 else 0 for j in range(len(hypothesis) + 1)] for i in range(len(reference) + 1)]
+    for i in range(1, len(reference) + 1):
+        for j in range(1, len(hypothesis) + 1):
+            substitution = table[i - 1][j - 1] + (reference[i - 1] != hypothesis[j - 1])
+            table[i][j] = min(substitution, table[i - 1][j] + 1, table[i][j - 1] + 1)
+    return table[-1][-1]
+
+
+def test_edit_distance_equals_the_naive_dynamic_programme():
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog"]
+    for _ in range(300):
+        reference = "".join(rng.choice(list("abc "), size=int(rng.integers(0, 12))))
+        hypothesis = "".join(rng.choice(list("abc "), size=int(rng.integers(0, 12))))
+        assert asr_probe.edit_distance(reference, hypothesis) == _naive_edit_distance(reference, hypothesis)
+        reference_words = list(rng.choice(words, size=int(rng.integers(0, 8))))
+        hypothesis_words = list(rng.choice(words, size=int(rng.integers(0, 8))))
+        expected = _naive_edit_distance(reference_words, hypothesis_words)
+        assert asr_probe.edit_distance(reference_words, hypothesis_words) == expected
+    assert asr_probe.edit_distance("kitten", "sitting") == 3 and asr_probe.edit_distance("", "abc") == 3
+
+
+def _naive_mel_bank(num_freqs: int, num_mels: int, rate: int) -> np.ndarray:
+    """HTK triangles from their definition, one weight at a time: corners equally spaced on the mel scale
+    ``2595 log10(1 + f / 700)`` from 0 Hz to Nyquist, filter ``m`` rising from corner ``m`` to a peak of 1 at corner
+    ``m + 1`` and falling to 0 at corner ``m + 2``, evaluated at the bin frequencies ``k * rate / 2 / (bins - 1)``."""
+    top = 2595.0 * math.log10(1.0 + rate / 2 / 700.0)
+    corners = [700.0 * (10.0 ** (top * k / (num_mels + 1) / 2595.0) - 1.0) for k in range(num_mels + 2)]
+    bank = np.zeros((num_freqs, num_mels))
+    for k in range(num_freqs):
+        frequency = k * (rate / 2) / (num_freqs - 1)
+        for m in range(num_mels):
+            left, centre, right = corners[m : m + 3]
+            if left < frequency <= centre:
+                bank[k, m] = (frequency - left) / (centre - left)
+            elif centre < frequency < right:
+                bank[k, m] = (right - frequency) / (right - centre)
+    return bank
+
+
+def _naive_log_mel(waveform: np.ndarray, rate: int, num_mels: int, window: int, hop: int) -> np.ndarray:
+    """Log-mel features from their definition in float64: reflect padding of half a window, periodic Hann window,
+    one explicit DFT per frame, power, :func:`_naive_mel_bank`, ``log(x + 1e-6)``."""
+    bank = _naive_mel_bank(window // 2 + 1, num_mels, rate)
+    hann = np.array([0.5 - 0.5 * math.cos(2 * math.pi * n / window) for n in range(window)])
+    dft = np.exp(-2j * np.pi * np.outer(np.arange(window // 2 + 1), np.arange(window)) / window)
+    padded = np.pad(waveform.astype(np.float64), window // 2, mode="reflect")
+    frames = [padded[start : start + window] * hann for start in range(0, len(padded) - window + 1, hop)]
+    return np.array([np.log(np.abs(dft @ frame) ** 2 @ bank + 1e-6) for frame in frames])
+
+
+def test_mel_filterbank_equals_the_naive_triangles_and_torchaudio():
+    for num_freqs, num_mels, rate in ((65, 12, 8000), (201, 80, 16000)):
+        bank = mel_filterbank(num_freqs, num_mels, rate)
+        assert bank.shape == (num_freqs, num_mels) and bank.dtype == torch.float32
+        np.testing.assert_allclose(bank.numpy(), _naive_mel_bank(num_freqs, num_mels, rate), rtol=0, atol=1e-6)
+    assert (bank.sum(dim=0) > 0).all()  # no empty band at 80 bands on 201 bins
+    torchaudio_functional = pytest.importorskip("torchaudio.functional")  # the filterbank the probe used before
+    reference = torchaudio_functional.melscale_fbanks(201, 0.0, 8000.0, 80, 16000, norm=None, mel_scale="htk")
+    torch.testing.assert_close(bank, reference, rtol=0, atol=1e-5)  # torchaudio builds it in float32
+
+
+def test_log_mel_equals_the_naive_definition_and_torchaudio():
+    """The probe's log-mel features against a float64 loop over frames (tolerance: float32 STFT rounding, ~1e-6
+    relative on the power, so ~1e-5 absolute on the log where the power is far above the 1e-6 floor) and against
+    torchaudio's ``MelSpectrogram`` + log (skipped where torchaudio does not import)."""
+    rate, window, hop, num_mels = 8000, 64, 24, 10
+    rng = np.random.default_rng(0)
+    t = np.arange(700) / rate
+    waveform = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(700)).astype(np.float32)
+    ours = LogMel(rate, num_mels=num_mels, window_samples=window, hop_samples=hop)(torch.from_numpy(waveform))
+    expected = _naive_log_mel(waveform, rate, num_mels, window, hop)
+    assert ours.shape == expected.shape == (700 // hop + 1, num_mels)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-4)
+
+    probe_features = asr_probe.log_mel(50.0)
+    speech_like = torch.from_numpy(rng.standard_normal(16000).astype(np.float32)) * 0.1
+    ours = probe_features(speech_like)
+    assert ours.shape == (16000 // 320 + 1, 80)
+    torchaudio = pytest.importorskip("torchaudio")
+    transform = torchaudio.transforms.MelSpectrogram(
+        sample_rate=16000, n_fft=400, win_length=400, hop_length=320, n_mels=80
+    )
+    reference = (transform(speech_like) + 1e-6).log().T
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="log-mel frames need more than 200"):
+        probe_features(torch.zeros(100))
 
 
 def test_asr_probe_transcribes_held_out_speech_far_better_than_the_no_audio_prior(tiny_run, corpus, tmp_path, capsys):
