@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -394,3 +397,111 @@ def test_loader_does_not_touch_the_global_rng(corpus):
     assert torch.equal(torch.rand(3), expected)
     assert sum(len(b) for b in batches) == len(dataset)
     assert all(b.waveforms.shape[1] == b.lengths.max().item() <= 8000 for b in batches)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a user's folder shapes: one clear line naming the file and the fix, before anything is written
+
+TINY_RUN = ["--preset", "tiny", "data.batch_size=4", "data.min_samples=4000", "training.progress_bar=false"]
+
+
+def _manifest_dir_with(corpus: Path, tmp_path: Path, empty: str) -> Path:
+    """A copy of the corpus manifests with ``<empty>.tsv`` listing no files (as the manifest tool writes it)."""
+    folder = tmp_path / "manifests"
+    for split in ("train", "valid"):
+        entries = [] if split == empty else read_manifest(corpus / f"{split}.tsv").entries
+        write_manifest(folder / f"{split}.tsv", corpus / "audio", entries)
+    return folder
+
+
+@pytest.mark.parametrize("empty", ["train", "valid"])
+def test_an_empty_manifest_stops_training_with_its_name_before_anything_is_written(corpus, tmp_path, empty):
+    from simplexvq_recipes.speech.pretraining import train as train_module
+
+    folder = _manifest_dir_with(corpus, tmp_path, empty)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ManifestError, match=rf"{empty}\.tsv lists no audio files; write it with python -m "):
+        train_module.main([*TINY_RUN, f"data.manifest_dir={folder}", f"training.output_dir={run_dir}"])
+    assert not run_dir.exists()
+
+
+def test_the_training_command_reports_an_empty_manifest_in_one_line(corpus, tmp_path):
+    folder = _manifest_dir_with(corpus, tmp_path, "train")
+    command = [sys.executable, "-m", "simplexvq_recipes.speech.pretraining.train", *TINY_RUN]
+    command += [f"data.manifest_dir={folder}", f"training.output_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_one_thread_env())
+    assert result.returncode == 2, result.stderr[-3000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and f"{folder / 'train.tsv'} lists no audio files" in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def _one_thread_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_a_manifest_whose_utterances_are_all_too_short_names_min_samples(corpus):
+    manifest = read_manifest(corpus / "train.tsv")
+    longest = max(entry.num_samples for entry in manifest.entries)
+    with pytest.raises(
+        ManifestError,
+        match=rf"all 10 utterances listed in .*train\.tsv are shorter than "
+        rf"min_samples={longest + 1} samples \(the longest has {longest}\): lower min_samples",
+    ):
+        AudioDataset(manifest, min_samples=longest + 1)
+
+
+def test_a_missing_manifest_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere/train\.tsv does not exist; its folder .*nowhere does not"):
+        read_manifest(tmp_path / "nowhere" / "train.tsv")
+
+
+def test_a_folder_given_as_manifest_names_the_manifests_inside(corpus):
+    with pytest.raises(ManifestError, match=r"is a folder; give the manifest file inside it \(train\.tsv, valid\.tsv"):
+        read_manifest(corpus)
+
+
+def test_a_binary_file_given_as_manifest_is_named(tmp_path):
+    sf.write(tmp_path / "a.wav", _tone(0.1, 16000), 16000)
+    with pytest.raises(ManifestError, match=r"a\.wav is not a text manifest"):
+        read_manifest(tmp_path / "a.wav")
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_manifest_whose_audio_root_moved_names_line_1(corpus, tmp_path, on_error):
+    moved = tmp_path / "moved"
+    (corpus / "audio").rename(moved)
+    with pytest.raises(
+        ManifestError,
+        match=r"train\.tsv line 1: the audio root .*audio does not exist, so none of "
+        r"its 10 files can be read; if the audio moved, put its new folder on line 1",
+    ):
+        AudioDataset(read_manifest(corpus / "train.tsv"), on_error=on_error)
+
+
+def test_audio_deleted_after_the_manifest_was_made_is_counted_and_named(corpus):
+    manifest = read_manifest(corpus / "train.tsv")
+    for row in (3, 6):
+        manifest.audio_path(row).unlink()
+    with pytest.raises(
+        AudioReadError,
+        match=r"no such file \(listed in .*train\.tsv line 5\); 2 of the 10 files "
+        r"listed there are missing: restore them, write the manifest again .*data\.on_error=skip",
+    ):
+        AudioDataset(manifest)
+    with pytest.warns(SkippedAudioWarning):
+        assert len(AudioDataset(manifest, on_error="skip")) == 8
+    for row in range(len(manifest)):
+        manifest.audio_path(row).unlink(missing_ok=True)
+    with pytest.raises(ManifestError, match=r"none of the 10 audio files listed in .*train\.tsv can be used \(10 miss"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedAudioWarning)
+            AudioDataset(manifest, on_error="skip")
+
+
+def test_dataset_rejects_a_non_positive_sample_rate_or_crop(corpus):
+    manifest = read_manifest(corpus / "train.tsv")
+    with pytest.raises(ValueError, match=r"sample_rate \(data\.sample_rate\) must be a positive number"):
+        AudioDataset(manifest, sample_rate=0)
+    with pytest.raises(ValueError, match=r"crop_samples \(data\.crop_samples\) must be a positive number"):
+        AudioDataset(manifest, crop_samples=0)

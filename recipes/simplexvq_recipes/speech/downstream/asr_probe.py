@@ -34,9 +34,16 @@ from tqdm.auto import tqdm
 from simplexvq_recipes.speech.data.logmel import LogMel
 from simplexvq_recipes.speech.data.manifest import Manifest, read_manifest
 from simplexvq_recipes.speech.data.synthetic import transcript_path
-from simplexvq_recipes.speech.downstream.extract_features import CODES_KEY, FeatureExtractor, iter_waveforms, layer_key
+from simplexvq_recipes.speech.downstream.extract_features import (
+    CODES_KEY,
+    FeatureExtractor,
+    check_manifest_audio,
+    iter_waveforms,
+    layer_key,
+)
 from simplexvq_recipes.speech.pretraining.model import build_model, load_pretrained
 from simplexvq_recipes.training.atomic import atomic_write_json
+from simplexvq_recipes.training.cli import run_cli
 
 FEATURE_KINDS = ("pretrained", "random", "codes", "logmel")
 HEADS = ("linear", "conv", "bilstm")
@@ -207,8 +214,10 @@ def _one_hot_codes(extractor: FeatureExtractor, codebook_size: int) -> Callable[
 
 
 def read_split(manifest_path: str, transcripts_path: str | None) -> tuple[Manifest, list[str]]:
-    """A manifest and its transcripts (one per row); a count mismatch is an error naming both files."""
+    """A manifest and its transcripts (one per row); an empty manifest, missing audio or a count mismatch is an error
+    naming the files, raised before any feature is computed."""
     manifest = read_manifest(manifest_path)
+    check_manifest_audio(manifest, "raise")
     path = Path(transcripts_path) if transcripts_path else transcript_path(manifest_path)
     if not path.is_file():
         raise FileNotFoundError(f"transcripts {path} do not exist (one line per row of {manifest_path})")
@@ -475,4 +484,4 @@ def main(argv: Sequence[str] | None = None) -> list[ProbeResult]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
