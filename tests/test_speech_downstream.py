@@ -11,10 +11,13 @@ import copy
 import json
 import math
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torchaudio
 from safetensors.torch import save_file
@@ -22,7 +25,7 @@ from safetensors.torch import save_file
 from simplexvq_recipes.speech.data import synthetic
 from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
 from simplexvq_recipes.speech.data.logmel import LogMel, mel_filterbank
-from simplexvq_recipes.speech.data.manifest import ManifestEntry, read_manifest, write_manifest
+from simplexvq_recipes.speech.data.manifest import ManifestEntry, ManifestError, read_manifest, write_manifest
 from simplexvq_recipes.speech.downstream import asr_probe, export, extract_features
 from simplexvq_recipes.speech.pretraining.config import PretrainConfig, preset_path
 from simplexvq_recipes.speech.pretraining.model import (
@@ -384,3 +387,73 @@ def test_asr_probe_transcribes_held_out_speech_far_better_than_the_no_audio_prio
     assert logmel.cer < 0.65 * prior.cer and logmel.wer < 0.9, (logmel.cer, logmel.wer, prior.cer)
     assert probe.cer < 0.95 and any(hypothesis.strip() for _, hypothesis in probe.examples), probe
     assert probe.train_loss < 3.0 and logmel.train_loss < 1.5, (probe.train_loss, logmel.train_loss)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a user's folder shapes: errors before any work, naming the manifest and the fix
+
+
+def _tone_manifest(folder, names=("a", "b", "c")) -> tuple:
+    """Three short tone files and their manifest (with a transcript per file)."""
+    audio = folder / "audio"
+    audio.mkdir(parents=True)
+    entries = []
+    for index, name in enumerate(names):
+        tone = (0.3 * np.sin(2 * np.pi * (300 + 100 * index) * np.arange(8000) / 16000)).astype(np.float32)
+        sf.write(audio / f"{name}.wav", tone, 16000)
+        entries.append(ManifestEntry(f"{name}.wav", 8000))
+    manifest = write_manifest(folder / "split.tsv", audio, entries)
+    synthetic.transcript_path(manifest).write_text("".join(f"{name} {name}\n" for name in names))
+    return manifest, audio
+
+
+def test_extract_features_stops_at_deleted_audio_before_writing_anything(tiny_run, tmp_path, capsys):
+    manifest, audio = _tone_manifest(tmp_path / "data")
+    (audio / "c.wav").unlink()
+    out = tmp_path / "features"
+    with pytest.raises(SystemExit):
+        extract_features.main([str(tiny_run), str(manifest), str(out), "--layers", "1", "--no-progress"])
+    error = capsys.readouterr().err
+    assert "c.wav: no such file (listed in" in error and "split.tsv line 4); 1 of the 3 files" in error, error
+    assert "--on-error skip" in error and not out.exists()
+    skip = extract_features.ExtractConfig(
+        checkpoint=str(tiny_run), manifest=str(manifest), out_dir=str(out), layers=[1], on_error="skip"
+    )
+    skip.progress_bar = False
+    with pytest.warns(UserWarning, match=r"skipped: .*c\.wav: no such file"):
+        index = extract_features.extract(skip)
+    assert [row["id"] for row in index.utterances] == ["a", "b"]
+
+
+def test_extract_features_refuses_an_empty_manifest(tiny_run, tmp_path, capsys):
+    empty = write_manifest(tmp_path / "empty.tsv", tmp_path, [])
+    out = tmp_path / "features"
+    with pytest.raises(SystemExit):
+        extract_features.main([str(tiny_run), str(empty), str(out), "--layers", "1", "--no-progress"])
+    assert f"error: {empty} lists no audio files" in capsys.readouterr().err and not out.exists()
+
+
+def test_asr_probe_checks_both_manifests_before_computing_features(tmp_path, monkeypatch):
+    train, _ = _tone_manifest(tmp_path / "train")
+    valid, valid_audio = _tone_manifest(tmp_path / "valid", names=("d", "e"))
+    (valid_audio / "e.wav").unlink()
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("features were computed before the manifests were checked")
+
+    monkeypatch.setattr(asr_probe, "compute_features", too_late)
+    with pytest.raises(AudioReadError, match=r"e\.wav: no such file \(listed in .*split\.tsv line 3\); 1 of the 2"):
+        asr_probe.main([str(train), str(valid), "--features", "logmel", "--no-progress"])
+    empty = write_manifest(tmp_path / "empty.tsv", tmp_path, [])
+    (tmp_path / "empty.wrd").write_text("")
+    with pytest.raises(ManifestError, match=r"empty\.tsv lists no audio files"):
+        asr_probe.main([str(empty), str(train), "--features", "logmel", "--no-progress"])
+
+
+def test_asr_probe_command_prints_a_bad_manifest_in_one_line(tmp_path):
+    empty = write_manifest(tmp_path / "empty.tsv", tmp_path, [])
+    (tmp_path / "empty.wrd").write_text("")
+    command = [sys.executable, "-m", "simplexvq_recipes.speech.downstream.asr_probe", str(empty), str(empty)]
+    result = subprocess.run([*command, "--features", "logmel"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: {empty} lists no audio files"), result.stderr
