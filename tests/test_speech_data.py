@@ -257,6 +257,17 @@ def test_manifest_command_writes_split_and_warns_about_unreadable_files(tmp_path
         manifest_cli.main([str(audio), str(tmp_path / "strict"), "--strict"])
 
 
+def test_manifest_command_says_when_it_writes_an_empty_valid_manifest(tmp_path, capsys):
+    """A folder of one file (or --valid-percent 0) gives an empty valid.tsv, which the pretraining recipe refuses:
+    the tool says so when it writes it, not the training run later."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "only.wav", _tone(0.5, 16000), 16000)
+    _, valid_path = manifest_cli.main([str(audio), str(tmp_path / "out"), "--valid-percent", "0.1"])
+    assert len(read_manifest(valid_path)) == 0
+    assert f"note: {valid_path} lists no files (--valid-percent 0.1 of 1 file(s)" in capsys.readouterr().out
+
+
 def test_manifest_command_leaves_out_truncated_audio_with_a_message_naming_it(tmp_path, capsys):
     audio = tmp_path / "audio"
     audio.mkdir()

@@ -265,6 +265,12 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     paths = write_split(args.out_dir, args.audio_dir, train, valid)
     hours = sum(entry.num_samples for entry in entries) / args.sample_rate / 3600
     print(f"{len(train)} train and {len(valid)} valid files ({hours:.2f} h) -> {paths[0]}, {paths[1]}")
+    if not valid:
+        print(
+            f"note: {paths[1]} lists no files (--valid-percent {args.valid_percent} of {len(entries)} file(s), "
+            f"{'groups' if args.group_depth else 'files'} held out whole): the pretraining recipe validates on it, so "
+            "raise --valid-percent, or add audio"
+        )
     return paths
 
 
