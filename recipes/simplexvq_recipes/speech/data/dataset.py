@@ -13,7 +13,8 @@ from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
 from simplexvq_recipes.speech.data.batching import ShardedBatchSampler
 from simplexvq_recipes.speech.data.manifest import Manifest, ManifestError, missing_audio, missing_audio_error
 
-MANIFEST_COMMAND = "simplexvq_recipes.speech.data.manifest"
+MANIFEST_COMMAND = Manifest.__module__
+"""The module that writes manifests (python -m ...), named in errors."""
 
 ON_ERROR = ("raise", "skip")
 
