@@ -527,3 +527,11 @@ def test_dataset_rejects_a_non_positive_sample_rate_or_crop(corpus):
         AudioDataset(manifest, sample_rate=0)
     with pytest.raises(ValueError, match=r"crop_samples \(data\.crop_samples\) must be a positive number"):
         AudioDataset(manifest, crop_samples=0)
+
+
+def test_the_manifest_command_reports_a_missing_audio_folder_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "simplexvq_recipes.speech.data.manifest", str(tmp_path / "nowhere")]
+    result = subprocess.run([*command, str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: audio folder {tmp_path / 'nowhere'} does not exist"), result.stderr
+    assert not (tmp_path / "out").exists()

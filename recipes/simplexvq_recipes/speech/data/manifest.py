@@ -26,6 +26,7 @@ from pathlib import Path
 
 from simplexvq_recipes.speech.data.audio import AudioReadError, audio_info, verify_audio
 from simplexvq_recipes.training.atomic import atomic_write_text
+from simplexvq_recipes.training.cli import run_cli
 
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3", "opus")
 
@@ -275,4 +276,4 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

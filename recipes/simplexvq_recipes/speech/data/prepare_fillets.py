@@ -29,6 +29,7 @@ import soundfile as sf
 from simplexvq_recipes.speech.data.audio import RESAMPLE_QUALITY, AudioReadError, read_audio
 from simplexvq_recipes.speech.data.manifest import scan_audio, split_by_groups, write_split
 from simplexvq_recipes.training.atomic import atomic_write_json
+from simplexvq_recipes.training.cli import run_cli
 
 SOURCE = Path("/usr/share/games/fillets-ng/sound")
 LANGUAGES = ("cs", "nl")
@@ -144,4 +145,4 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

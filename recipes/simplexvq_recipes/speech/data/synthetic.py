@@ -32,6 +32,7 @@ import torch
 from simplexvq_recipes.speech.data.audio import resample
 from simplexvq_recipes.speech.data.manifest import ManifestEntry, write_manifest
 from simplexvq_recipes.training.atomic import atomic_write_text
+from simplexvq_recipes.training.cli import run_cli
 
 SAMPLE_RATE = 16000
 TRANSCRIPT_SUFFIX = ".wrd"
@@ -245,4 +246,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
