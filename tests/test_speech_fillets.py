@@ -74,6 +74,20 @@ def test_a_corpus_converted_another_way_is_converted_again(tmp_path, capsys):
     assert f"converting {tmp_path / 'audio'} again" in capsys.readouterr().out
 
 
+def test_the_demo_converts_a_cached_corpus_made_another_way_again(fillets_subset, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(prepare_fillets, "prepare", lambda out, **kwargs: calls.append(out))
+    assert prepare_fillets.is_converted(fillets_subset)
+    assert demo.ensure_corpus(fillets_subset) == fillets_subset and calls == []
+    old = tmp_path / "old-cache"  # manifests and audio as an earlier version left them: no conversion.json
+    old.mkdir()
+    for name in ("train.tsv", "valid.tsv"):
+        (old / name).write_text((fillets_subset / name).read_text())
+    assert not prepare_fillets.is_converted(old)
+    demo.ensure_corpus(old)
+    assert calls == [old]
+
+
 def test_validation_levels_are_every_tenth_level():
     languages = prepare_fillets.LANGUAGES
     levels = sorted(

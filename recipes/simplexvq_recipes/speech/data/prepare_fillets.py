@@ -44,6 +44,14 @@ def conversion() -> dict[str, str | int]:
     return {"sample_rate": SAMPLE_RATE, "resampler": f"soxr {RESAMPLE_QUALITY}", "format": "FLAC PCM_16 mono"}
 
 
+def is_converted(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds manifests of audio converted the way :func:`prepare` converts now."""
+    out_dir = Path(out_dir)
+    stamp = out_dir / CONVERSION_FILE
+    manifests = all((out_dir / f"{split}.tsv").is_file() for split in ("train", "valid"))
+    return manifests and stamp.is_file() and json.loads(stamp.read_text()) == conversion()
+
+
 def default_cache_dir() -> Path:
     """``$SIMPLEXVQ_CACHE/fillets-16k``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + ``simplexvq/fillets-16k``."""
     if "SIMPLEXVQ_CACHE" in os.environ:
