@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import configparser
+import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -122,3 +124,88 @@ def test_recipes_import_no_fairseq2():
     count, *loaded = result.stdout.split()
     assert loaded == [], f"importing the recipes imported fairseq2: {loaded}"
     assert int(count) > 20  # the walk reached the submodules, not only the packages
+
+
+SPEECH_PACKAGE = "simplexvq_recipes.speech"
+
+CONVERTED_ON_BRANCH_SPEECH_HF = (
+    "simplexvq_recipes.speech.pretraining.model",
+    "simplexvq_recipes.speech.downstream.export",
+    "simplexvq_recipes.speech.downstream.hf_export",
+    "simplexvq_recipes.speech.downstream.hf_mapping",
+)
+"""Modules whose move from torchaudio's ``Wav2Vec2Model`` to transformers' is engineer speech-hf's part of issue 17
+(and every module importing them fails with them until it is merged); the optional torchaudio export
+(``downstream.export``) may import torchaudio inside the function that needs it, never at import time."""
+
+
+def _speech_modules() -> list[str]:
+    """Every module of the speech recipe (data, pretraining, downstream incl. the HF and torchaudio exports), found
+    on disk so that collecting the tests imports none of them."""
+    spec = importlib.util.find_spec(SPEECH_PACKAGE)
+    assert spec is not None and spec.submodule_search_locations, SPEECH_PACKAGE
+    root = Path(next(iter(spec.submodule_search_locations)))
+    modules = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        modules.append(".".join((SPEECH_PACKAGE, *parts)))
+    return modules
+
+
+IMPORT_WITHOUT_TORCHAUDIO = """
+import builtins, importlib, json, sys, traceback
+sys.modules["torchaudio"] = None  # as if torchaudio were not installed: importing it raises ModuleNotFoundError
+attempts = []
+plain_import = builtins.__import__
+def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and name.split(".")[0] == "torchaudio":
+        attempts.append((globals or {}).get("__name__", "?"))
+    return plain_import(name, globals, locals, fromlist, level)
+builtins.__import__ = recording_import
+results = {}
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m.split(".")[0] in ("simplexvq", "simplexvq_recipes")]:
+        del sys.modules[loaded]  # each module is imported afresh, so every import of torchaudio is attributed
+    attempts.clear()
+    try:
+        importlib.import_module(name)
+        error = None
+    except BaseException as caught:
+        error = "".join(traceback.format_exception_only(caught)).strip()
+    results[name] = {"importers": sorted(set(attempts)), "error": error}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def imports_without_torchaudio() -> dict[str, dict]:
+    """Import every speech module in one fresh interpreter where torchaudio cannot be imported; for each, the
+    modules that tried to import torchaudio and the import error, if any."""
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_WITHOUT_TORCHAUDIO, *_speech_modules()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", _speech_modules())
+def test_speech_module_imports_without_torchaudio(module, imports_without_torchaudio):
+    """No speech, downstream or HF-export module imports torchaudio (issue 17: torchaudio has no build for current
+    torch releases); the torchaudio export imports it lazily. Fails for the modules of
+    :data:`CONVERTED_ON_BRANCH_SPEECH_HF`, and those importing them, until that branch is merged."""
+    outcome = imports_without_torchaudio[module]
+    owner = " (converted on branch speech-hf)" if set(outcome["importers"]) & set(CONVERTED_ON_BRANCH_SPEECH_HF) else ""
+    assert outcome["importers"] == [], f"importing {module} imports torchaudio from {outcome['importers']}{owner}"
+    assert outcome["error"] is None, f"{module} does not import without torchaudio: {outcome['error']}"
+
+
+def test_the_speech_module_walk_reaches_every_part():
+    modules = set(_speech_modules())
+    assert set(CONVERTED_ON_BRANCH_SPEECH_HF) <= modules
+    expected = {"data.audio", "data.logmel", "downstream.asr_probe", "downstream.extract_features", "demo"}
+    assert {f"{SPEECH_PACKAGE}.{name}" for name in expected} <= modules

@@ -51,6 +51,43 @@ def test_prepare_converts_to_16k_mono_and_holds_out_levels(fillets_subset):
     assert (fillets_subset / "train.tsv").read_text() == before
 
 
+def test_a_corpus_converted_another_way_is_converted_again(tmp_path, capsys):
+    """Kept files must be what this version writes: a folder without (or with another) ``conversion.json``, as
+    converted by an earlier resampler, is converted again; with the same one its files are kept."""
+    levels, languages = ["elevator1", VALID_LEVEL], ["nl"]
+    with pytest.warns(UserWarning, match="holds no audio frames"):
+        prepare_fillets.prepare(tmp_path, levels=levels, languages=languages, jobs=1)
+    stamp = tmp_path / prepare_fillets.CONVERSION_FILE
+    assert json.loads(stamp.read_text()) == prepare_fillets.conversion()
+    converted = read_manifest(tmp_path / "valid.tsv").audio_path(0)
+    original = converted.read_bytes()
+    data, rate = sf.read(converted)
+    sf.write(converted, 0.5 * data, rate, format="FLAC", subtype="PCM_16")  # a file made some other way
+    altered = converted.read_bytes()
+    with pytest.warns(UserWarning, match="holds no audio frames"):
+        prepare_fillets.prepare(tmp_path, levels=levels, languages=languages, jobs=1)
+    assert converted.read_bytes() == altered  # same conversion: kept
+    stamp.unlink()  # a folder from before conversion.json existed
+    with pytest.warns(UserWarning, match="holds no audio frames"):
+        prepare_fillets.prepare(tmp_path, levels=levels, languages=languages, jobs=1)
+    assert converted.read_bytes() == original and stamp.is_file()
+    assert f"converting {tmp_path / 'audio'} again" in capsys.readouterr().out
+
+
+def test_the_demo_converts_a_cached_corpus_made_another_way_again(fillets_subset, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(prepare_fillets, "prepare", lambda out, **kwargs: calls.append(out))
+    assert prepare_fillets.is_converted(fillets_subset)
+    assert demo.ensure_corpus(fillets_subset) == fillets_subset and calls == []
+    old = tmp_path / "old-cache"  # manifests and audio as an earlier version left them: no conversion.json
+    old.mkdir()
+    for name in ("train.tsv", "valid.tsv"):
+        (old / name).write_text((fillets_subset / name).read_text())
+    assert not prepare_fillets.is_converted(old)
+    demo.ensure_corpus(old)
+    assert calls == [old]
+
+
 def test_validation_levels_are_every_tenth_level():
     languages = prepare_fillets.LANGUAGES
     levels = sorted(

@@ -30,8 +30,8 @@ DEFAULT_METHODS = ("softmax-knn_ce", "ste-cosine")
 
 
 def ensure_corpus(corpus: Path) -> Path:
-    """The fillets manifests folder, converting the audio first when it is missing."""
-    if not (corpus / "train.tsv").is_file() or not (corpus / "valid.tsv").is_file():
+    """The fillets manifests folder, converting the audio first when it is missing or was converted another way."""
+    if not prepare_fillets.is_converted(corpus):
         print(f"preparing the fillets-ng speech corpus in {corpus} (once, about a minute)", flush=True)
         prepare_fillets.prepare(corpus, jobs=min(2, os.cpu_count() or 1))
     return corpus

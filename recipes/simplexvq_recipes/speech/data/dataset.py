@@ -11,7 +11,10 @@ from torch import Tensor
 
 from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
 from simplexvq_recipes.speech.data.batching import ShardedBatchSampler
-from simplexvq_recipes.speech.data.manifest import Manifest
+from simplexvq_recipes.speech.data.manifest import Manifest, ManifestError, missing_audio, missing_audio_error
+
+MANIFEST_COMMAND = Manifest.__module__
+"""The module that writes manifests (python -m ...), named in errors."""
 
 ON_ERROR = ("raise", "skip")
 
@@ -45,7 +48,9 @@ class AudioDataset(torch.utils.data.Dataset):
 
     ``on_error="raise"``: a missing file (checked when the dataset is built) or an unreadable one (when read)
     raises :class:`AudioReadError` naming the file and its manifest line. ``"skip"``: such files are left out with
-    a :class:`SkippedAudioWarning` naming them, and :meth:`__getitem__` returns ``None`` for them.
+    a :class:`SkippedAudioWarning` naming them, and :meth:`__getitem__` returns ``None`` for them. A manifest left
+    with no utterance (empty, every file missing or shorter than ``min_samples``) raises :class:`ManifestError`
+    naming it and the fix, so that a training run stops before it writes anything.
     """
 
     def __init__(
@@ -62,6 +67,14 @@ class AudioDataset(torch.utils.data.Dataset):
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        if not sample_rate > 0:
+            raise ValueError(
+                f"sample_rate (data.sample_rate) must be a positive number of samples per second, got {sample_rate}"
+            )
+        if crop_samples is not None and crop_samples < 1:
+            raise ValueError(
+                f"crop_samples (data.crop_samples) must be a positive number of samples, got {crop_samples}"
+            )
         self.manifest = manifest
         self.sample_rate = sample_rate
         self.crop_samples = crop_samples
@@ -69,16 +82,36 @@ class AudioDataset(torch.utils.data.Dataset):
         self.on_error = on_error
         self.random_crop = random_crop
         self.seed = seed
-        self.indices: list[int] = []  # manifest rows kept
-        for row, entry in enumerate(manifest.entries):
-            if entry.num_samples < max(min_samples, 1):
-                continue
-            path = manifest.audio_path(row)
-            if not path.is_file():
-                self._fail(row, AudioReadError(path, "no such file"))
-                continue
-            self.indices.append(row)
-        self.num_too_short = sum(1 for e in manifest.entries if e.num_samples < max(min_samples, 1))
+        long_enough = [row for row, entry in enumerate(manifest.entries) if entry.num_samples >= max(min_samples, 1)]
+        self.num_too_short = len(manifest) - len(long_enough)
+        missing = missing_audio(manifest, long_enough)
+        if missing and (on_error == "raise" or not manifest.root.is_dir()):
+            raise missing_audio_error(manifest, missing, "on_error=skip (data.on_error=skip in the recipe)")
+        for row in missing:
+            self._fail(row, AudioReadError(manifest.audio_path(row), "no such file"))
+        self.indices: list[int] = sorted(set(long_enough) - set(missing))  # manifest rows kept
+        if not self.indices:
+            raise ManifestError(self._nothing_left(min_samples, len(missing)))
+
+    def _nothing_left(self, min_samples: int, num_missing: int) -> str:
+        """Why no utterance of the manifest is usable, naming the file and the fix."""
+        source = self.manifest.source or "the manifest"
+        if not self.manifest.entries:
+            return (
+                f"{source} lists no audio files; write it with python -m {MANIFEST_COMMAND} AUDIO_DIR OUT_DIR "
+                "(--valid-percent above 0 for a non-empty valid.tsv)"
+            )
+        if num_missing:
+            return (
+                f"none of the {len(self.manifest)} audio files listed in {source} can be used ({num_missing} missing, "
+                f"{self.num_too_short} shorter than min_samples={min_samples}): restore the missing files, or write "
+                f"the manifest again with python -m {MANIFEST_COMMAND} AUDIO_DIR OUT_DIR"
+            )
+        longest = max(entry.num_samples for entry in self.manifest.entries)
+        return (
+            f"all {len(self.manifest)} utterances listed in {source} are shorter than min_samples={min_samples} "
+            f"samples (the longest has {longest}): lower min_samples (data.min_samples) or use longer recordings"
+        )
 
     def _fail(self, row: int, error: AudioReadError) -> None:
         error = AudioReadError(error.path, f"{error.reason} (listed in {self.manifest.where(row)})")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from simplexvq_recipes.speech.data.audio import AudioReadError, audio_info, verify_audio
 from simplexvq_recipes.training.atomic import atomic_write_text
+from simplexvq_recipes.training.cli import run_cli
 
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3", "opus")
 
@@ -62,11 +63,23 @@ class Manifest:
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Parse a manifest; a missing file or a malformed line raises an error naming it."""
+    """Parse a manifest; a missing or unreadable file or a malformed line raises an error naming the file (and line)
+    and the fix. The audio files are not looked at (see :func:`missing_audio`)."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(child.name for child in path.glob("*.tsv"))
+        hint = f" ({', '.join(inside)} are there)" if inside else ""
+        raise ManifestError(f"{path} is a folder; give the manifest file inside it{hint}")
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist (write one with python -m {__name__})")
-    lines = path.read_text(encoding="utf-8").splitlines()
+        folder = "" if path.parent.is_dir() else f"; its folder {path.parent} does not exist either"
+        raise FileNotFoundError(f"manifest {path} does not exist{folder} (write one with python -m {__name__})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ManifestError(
+            f"{path} is not a text manifest ({error.reason} at byte {error.start}); a manifest's first line is the "
+            f"audio root, then one 'relative_path<TAB>num_samples' per file (write one with python -m {__name__})"
+        ) from None
     if not lines or not lines[0].strip():
         raise ManifestError(f"{path}: the first line must be the root folder of the audio files")
     root = Path(lines[0].strip())
@@ -84,6 +97,35 @@ def read_manifest(path: str | Path) -> Manifest:
             raise ManifestError(f"{path} line {number}: num_samples must be >= 0, got {num_samples}")
         entries.append(ManifestEntry(fields[0], num_samples))
     return Manifest(root=root, entries=entries, source=path)
+
+
+def missing_audio(manifest: Manifest, rows: Iterable[int] | None = None) -> list[int]:
+    """The rows (all, or those of ``rows``) whose audio file does not exist."""
+    rows = range(len(manifest)) if rows is None else rows
+    return [row for row in rows if not manifest.audio_path(row).is_file()]
+
+
+def missing_audio_error(manifest: Manifest, missing: Sequence[int], skip_hint: str | None = None) -> Exception:
+    """One-line error for audio files listed in ``manifest`` but missing on disk (``missing``: their rows, not
+    empty): a :class:`ManifestError` when the root folder itself is gone (the audio moved), else an
+    :class:`AudioReadError` naming the first missing file, its line and how many are missing. ``skip_hint`` says
+    how the caller's command leaves missing files out (``data.on_error=skip``, ``--on-error skip``), if it can."""
+    source = manifest.source or "the manifest"
+    rewrite = f"write the manifest again with python -m {__name__} AUDIO_DIR OUT_DIR"
+    if not manifest.root.is_dir():
+        return ManifestError(
+            f"{source} line 1: the audio root {manifest.root} does not exist, so none of its {len(manifest)} files "
+            f"can be read; if the audio moved, put its new folder on line 1, or {rewrite}"
+        )
+    first = missing[0]
+    fixes = (
+        f"restore them, {rewrite}, or leave them out with {skip_hint}" if skip_hint else f"restore them or {rewrite}"
+    )
+    return AudioReadError(
+        manifest.audio_path(first),
+        f"no such file (listed in {manifest.where(first)}); {len(missing)} of the {len(manifest)} files listed "
+        f"there are missing: {fixes}",
+    )
 
 
 def write_manifest(path: str | Path, root: str | Path, entries: Iterable[ManifestEntry]) -> Path:
@@ -224,8 +266,14 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     paths = write_split(args.out_dir, args.audio_dir, train, valid)
     hours = sum(entry.num_samples for entry in entries) / args.sample_rate / 3600
     print(f"{len(train)} train and {len(valid)} valid files ({hours:.2f} h) -> {paths[0]}, {paths[1]}")
+    if not valid:
+        print(
+            f"note: {paths[1]} lists no files (--valid-percent {args.valid_percent} of {len(entries)} file(s), "
+            f"{'groups' if args.group_depth else 'files'} held out whole): the pretraining recipe validates on it, so "
+            "raise --valid-percent, or add audio"
+        )
     return paths
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

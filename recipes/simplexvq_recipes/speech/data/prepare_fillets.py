@@ -8,12 +8,16 @@ level folders (:data:`VALID_LEVELS`, every 10th level in alphabetical order) so 
     apt-get install -y fillets-ng-data-cs fillets-ng-data-nl
     python -m simplexvq_recipes.speech.data.prepare_fillets ~/.cache/simplexvq/fillets-16k
 
-Files already converted are kept (re-running is cheap); empty or unreadable files are left out with a warning.
+Files already converted are kept (re-running is cheap) as long as ``OUT_DIR/conversion.json`` says they were made
+the way this version converts (:func:`conversion`: rate, resampler, format); a folder converted otherwise (or
+before that file existed) is converted again, so every copy of the corpus holds the same samples. Empty or
+unreadable files are left out with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -22,14 +26,30 @@ from pathlib import Path
 
 import soundfile as sf
 
-from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
+from simplexvq_recipes.speech.data.audio import RESAMPLE_QUALITY, AudioReadError, read_audio
 from simplexvq_recipes.speech.data.manifest import scan_audio, split_by_groups, write_split
+from simplexvq_recipes.training.atomic import atomic_write_json
+from simplexvq_recipes.training.cli import run_cli
 
 SOURCE = Path("/usr/share/games/fillets-ng/sound")
 LANGUAGES = ("cs", "nl")
 SAMPLE_RATE = 16000
 VALID_LEVELS = ("bathroom", "cellar", "dump", "floppy", "kitchen", "party2", "society", "viking2")
 PACKAGES = "fillets-ng-data-cs fillets-ng-data-nl"
+CONVERSION_FILE = "conversion.json"
+
+
+def conversion() -> dict[str, str | int]:
+    """How the files are converted; a folder whose ``conversion.json`` differs is converted again."""
+    return {"sample_rate": SAMPLE_RATE, "resampler": f"soxr {RESAMPLE_QUALITY}", "format": "FLAC PCM_16 mono"}
+
+
+def is_converted(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds manifests of audio converted the way :func:`prepare` converts now."""
+    out_dir = Path(out_dir)
+    stamp = out_dir / CONVERSION_FILE
+    manifests = all((out_dir / f"{split}.tsv").is_file() for split in ("train", "valid"))
+    return manifests and stamp.is_file() and json.loads(stamp.read_text()) == conversion()
 
 
 def default_cache_dir() -> Path:
@@ -56,13 +76,14 @@ def find_sources(
     return files
 
 
-def _convert(job: tuple[str, str]) -> str | None:
-    """Convert one file to 16 kHz mono FLAC; returns an error message instead of raising."""
+def _convert(job: tuple[str, str, bool]) -> str | None:
+    """Convert one file to 16 kHz mono FLAC (unless it is there and ``keep``); returns an error message instead of
+    raising."""
     import torch
 
     torch.set_num_threads(1)
-    source, target = Path(job[0]), Path(job[1])
-    if target.is_file():
+    source, target, keep = Path(job[0]), Path(job[1]), job[2]
+    if keep and target.is_file():
         return None
     try:
         waveform = read_audio(source, SAMPLE_RATE)
@@ -88,7 +109,11 @@ def prepare(
     out_dir = Path(out_dir)
     audio_dir = out_dir / "audio"
     files = find_sources(source, languages, levels)
-    jobs_list = [(str(path), str(audio_dir / path.relative_to(source).with_suffix(".flac"))) for path in files]
+    stamp = out_dir / CONVERSION_FILE
+    keep = stamp.is_file() and json.loads(stamp.read_text()) == conversion()
+    if audio_dir.is_dir() and not keep:
+        print(f"converting {audio_dir} again: its files were not made by this conversion ({conversion()})")
+    jobs_list = [(str(p), str(audio_dir / p.relative_to(source).with_suffix(".flac")), keep) for p in files]
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             errors = list(pool.map(_convert, jobs_list, chunksize=16))
@@ -97,6 +122,7 @@ def prepare(
     for error in errors:
         if error is not None:
             warnings.warn(f"left out of the corpus: {error}", stacklevel=2)
+    atomic_write_json(stamp, conversion())
     entries, unreadable = scan_audio(audio_dir, extensions=("flac",), sample_rate=SAMPLE_RATE, jobs=jobs)
     for error in unreadable:
         warnings.warn(f"left out of the manifests: {error}", stacklevel=2)
@@ -127,4 +153,4 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

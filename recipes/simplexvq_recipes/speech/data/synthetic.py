@@ -28,10 +28,11 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
+from simplexvq_recipes.speech.data.audio import resample
 from simplexvq_recipes.speech.data.manifest import ManifestEntry, write_manifest
 from simplexvq_recipes.training.atomic import atomic_write_text
+from simplexvq_recipes.training.cli import run_cli
 
 SAMPLE_RATE = 16000
 TRANSCRIPT_SUFFIX = ".wrd"
@@ -180,10 +181,7 @@ def synthesize(utterance: Utterance, binary: str | None = None) -> torch.Tensor:
         message = result.stderr.decode(errors="replace").strip()
         raise RuntimeError(f"espeak-ng failed for voice {utterance.voice!r} ({result.returncode}): {message}")
     data, rate = sf.read(io.BytesIO(result.stdout), dtype="float32", always_2d=True)
-    waveform = torch.from_numpy(data.mean(axis=1))
-    if rate != SAMPLE_RATE:
-        waveform = AF.resample(waveform, rate, SAMPLE_RATE)
-    return waveform
+    return torch.from_numpy(resample(data.mean(axis=1, dtype="float32"), rate, SAMPLE_RATE))
 
 
 def _write(job: tuple[Utterance, Path, str]) -> ManifestEntry:
@@ -248,4 +246,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,18 +24,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import editdistance
 import sentencepiece as spm
 import torch
-import torchaudio
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 from tqdm.auto import tqdm
 
+from simplexvq_recipes.speech.data.logmel import LogMel
 from simplexvq_recipes.speech.data.manifest import Manifest, read_manifest
 from simplexvq_recipes.speech.data.synthetic import transcript_path
-from simplexvq_recipes.speech.downstream.extract_features import CODES_KEY, FeatureExtractor, iter_waveforms, layer_key
+from simplexvq_recipes.speech.downstream.extract_features import (
+    CODES_KEY,
+    FeatureExtractor,
+    check_manifest_audio,
+    iter_waveforms,
+    layer_key,
+)
 from simplexvq_recipes.speech.pretraining.model import build_model, load_pretrained
 from simplexvq_recipes.training.atomic import atomic_write_json
+from simplexvq_recipes.training.cli import run_cli
 
 FEATURE_KINDS = ("pretrained", "random", "codes", "logmel")
 HEADS = ("linear", "conv", "bilstm")
@@ -115,11 +123,8 @@ def train_tokenizer(
 
 
 def edit_distance(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
-    """Levenshtein distance between two sequences (``editdistance`` when installed, else torchaudio's)."""
-    try:
-        import editdistance
-    except ImportError:
-        return int(torchaudio.functional.edit_distance(list(reference), list(hypothesis)))
+    """Levenshtein distance between two sequences: the fewest substitutions, insertions and deletions that turn
+    ``reference`` into ``hypothesis`` (``editdistance``, a C++ implementation)."""
     return int(editdistance.eval(list(reference), list(hypothesis)))
 
 
@@ -152,15 +157,14 @@ def greedy_decode(log_probs: Tensor, length: int) -> list[int]:
 
 
 def log_mel(frame_rate: float = 50.0, sample_rate: int = 16000, n_mels: int = 80) -> Callable[[Tensor], Tensor]:
-    """Log-mel filterbank features (T, n_mels): 25 ms windows at ``frame_rate`` frames per second."""
-    transform = torchaudio.transforms.MelSpectrogram(
-        sample_rate=sample_rate, n_fft=400, win_length=400, hop_length=round(sample_rate / frame_rate), n_mels=n_mels
+    """Log-mel filterbank features (T, n_mels): 25 ms windows at ``frame_rate`` frames per second
+    (:class:`~simplexvq_recipes.speech.data.logmel.LogMel`)."""
+    if not frame_rate > 0:
+        raise ValueError(f"frame_rate must be positive, got {frame_rate}")
+    window = round(0.025 * sample_rate)
+    return LogMel(
+        sample_rate, num_mels=n_mels, window_samples=window, hop_samples=max(1, round(sample_rate / frame_rate))
     )
-
-    def features(waveform: Tensor) -> Tensor:
-        return (transform(waveform) + 1e-6).log().T
-
-    return features
 
 
 def feature_sources(config: ProbeConfig) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -210,8 +214,10 @@ def _one_hot_codes(extractor: FeatureExtractor, codebook_size: int) -> Callable[
 
 
 def read_split(manifest_path: str, transcripts_path: str | None) -> tuple[Manifest, list[str]]:
-    """A manifest and its transcripts (one per row); a count mismatch is an error naming both files."""
+    """A manifest and its transcripts (one per row); an empty manifest, missing audio or a count mismatch is an error
+    naming the files, raised before any feature is computed."""
     manifest = read_manifest(manifest_path)
+    check_manifest_audio(manifest, "raise")
     path = Path(transcripts_path) if transcripts_path else transcript_path(manifest_path)
     if not path.is_file():
         raise FileNotFoundError(f"transcripts {path} do not exist (one line per row of {manifest_path})")
@@ -478,4 +484,4 @@ def main(argv: Sequence[str] | None = None) -> list[ProbeResult]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

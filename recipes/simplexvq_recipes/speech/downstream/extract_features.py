@@ -39,7 +39,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from simplexvq_recipes.speech.data.audio import AudioReadError, read_audio
-from simplexvq_recipes.speech.data.manifest import Manifest, ManifestError, read_manifest
+from simplexvq_recipes.speech.data.manifest import (
+    Manifest,
+    ManifestError,
+    missing_audio,
+    missing_audio_error,
+    read_manifest,
+)
 from simplexvq_recipes.speech.pretraining.model import Wav2Vec2Pretrainer, load_pretrained, resolve_checkpoint
 from simplexvq_recipes.training.atomic import atomic_write_json
 
@@ -117,6 +123,19 @@ def iter_waveforms(
             if on_error == "raise":
                 raise error from None
             warnings.warn(f"skipped: {error}", stacklevel=2)
+
+
+def check_manifest_audio(manifest: Manifest, on_error: str, skip_hint: str | None = None) -> None:
+    """Stop before any work when the manifest lists nothing, or (``on_error="raise"``) lists files that are gone;
+    the error names the manifest (and the first missing file) and the fix. With ``"skip"`` missing files are left
+    to :func:`iter_waveforms`, which warns about each, unless the whole audio root is gone."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if not len(manifest):
+        raise ManifestError(f"{manifest.source or 'the manifest'} lists no audio files")
+    missing = missing_audio(manifest)
+    if missing and (on_error == "raise" or not manifest.root.is_dir()):
+        raise missing_audio_error(manifest, missing, skip_hint)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,6 +241,7 @@ def extract(config: ExtractConfig) -> FeatureIndex:
     if config.threads:
         torch.set_num_threads(config.threads)
     manifest = read_manifest(config.manifest)
+    check_manifest_audio(manifest, config.on_error, "--on-error skip")
     ids = [utterance_id(entry.path) for entry in manifest.entries]
     duplicates = [name for name, count in Counter(ids).items() if count > 1]
     if duplicates:
