@@ -149,7 +149,7 @@ def triton_streamed_softmax_quantize(
     ``scope="global"`` joins two collectives: call it on every rank, also with N = 0.
     """
     _check_inputs(z, codebook, temperature, valid, distance)
-    from simplexvq.scale.triton.function import FusedSoftmax, FusedSpec
+    from simplexvq.scale.triton.function import FusedSpec, fused_softmax
     from simplexvq.scale.triton.launch import accumulation_dtype
     from simplexvq.scale.triton.selection import assert_k_fits, valid_row_count
 
@@ -172,11 +172,10 @@ def triton_streamed_softmax_quantize(
             assert_k_fits(knn_k, count, world)
     if valid is not None:  # padding may hold anything (NaN included): neither values nor gradients may see it
         z = torch.where(valid[:, None, None], z, torch.zeros_like(z))
-    queries, keys, bias = _attention_form(distance, z, codebook, temperature)
     mask = torch.ones(num_rows, dtype=torch.int8, device=z.device) if valid is None else valid.to(torch.int8)
     spec = FusedSpec(k=knn_k, knn_distance=knn_distance, compute_output=compute_output, world=world)
-    quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum = FusedSoftmax.apply(
-        queries, keys, bias, codebook, mask, vertices, spec
+    quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum = fused_softmax(
+        distance, z, codebook, temperature, mask, vertices, spec
     )
     rows = count.to(accumulation_dtype(z.dtype))
     stats = {

@@ -30,14 +30,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _matmul(a, b, ELEMENTWISE: tl.constexpr):
-    """``a @ b`` accumulated in float32 (``tl.dot``, exact IEEE products for float32 inputs), or, with
-    ``ELEMENTWISE``, as a broadcast product and sum in the operands' dtype: the float64 path, because Triton's
-    GPU compiler cannot lower a float64 ``tl.dot`` with these layouts."""
+def _matmul(a, b, ELEMENTWISE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in float32 by ``tl.dot`` with ``input_precision=DOT_PRECISION`` (``"ieee"``: exact
+    float32 products; ``"tf32"``: tensor-core products of float32 operands rounded to TF32; float16 / bfloat16
+    operands always multiply exactly on tensor cores), or, with ``ELEMENTWISE``, as a broadcast product and sum in
+    the operands' dtype: the float64 path, because Triton's GPU compiler cannot lower a float64 ``tl.dot`` with
+    these layouts."""
     if ELEMENTWISE:
         out = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
-        out = tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+        out = tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=tl.float32)
     return out
 
 
@@ -61,6 +63,7 @@ def softmax_rows_kernel(
     DV,
     HAS_BIAS: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -94,7 +97,7 @@ def softmax_rows_kernel(
         keys = tl.load(
             K + (g * M + cols64[:, None]) * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
         )
-        logits = _matmul(q, tl.trans(keys), ELEMENTWISE)
+        logits = _matmul(q, tl.trans(keys), ELEMENTWISE, DOT_PRECISION)
         if HAS_BIAS:
             bias = tl.load(BIAS + g * M + cols64, mask=col_ok, other=0.0).to(acc_ty)
             logits += bias[None, :]
@@ -118,7 +121,7 @@ def softmax_rows_kernel(
                 mask=col_ok[:, None] & value_dim_ok[None, :],
                 other=0.0,
             )
-            product = _matmul(exps.to(values.dtype), values, ELEMENTWISE)
+            product = _matmul(exps.to(values.dtype), values, ELEMENTWISE, DOT_PRECISION)
             output = output * alpha[:, None] + product
         running_max = new_max
 
@@ -158,6 +161,7 @@ def softmax_columns_kernel(
     ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     KNN: tl.constexpr,  # 0: column sums only, 1: cross-entropy top-K, 2: L2 top-K
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -201,7 +205,7 @@ def softmax_columns_kernel(
         valid = (tl.load(VALID + rows64, mask=in_range, other=0) != 0) & in_range
         q = tl.load(Q + (rows64[:, None] * G + g) * D + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
         lse = tl.load(LSE + g * N + rows64, mask=valid, other=0.0)
-        logits = _matmul(keys, tl.trans(q), ELEMENTWISE)  # (BLOCK_M, BLOCK_N)
+        logits = _matmul(keys, tl.trans(q), ELEMENTWISE, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
             logits += bias[:, None]
         prob = tl.where(valid[None, :], tl.exp(logits - lse[None, :]), 0.0)
@@ -249,6 +253,7 @@ def softmax_rows_backward_kernel(
     ROW,
     QUAD,
     GRAD_Q,
+    GRAD_SCALE,
     N,
     G,
     M,
@@ -256,6 +261,7 @@ def softmax_rows_backward_kernel(
     DV,
     HAS_BIAS: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_GRAD_OUT: tl.constexpr,
     HAS_QUAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -287,6 +293,7 @@ def softmax_rows_backward_kernel(
             other=0.0,
         )
     grad_q = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+    grad_scale = tl.zeros([BLOCK_N], acc_ty)
     for start in range(0, M, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < M
@@ -294,7 +301,7 @@ def softmax_rows_backward_kernel(
         keys = tl.load(
             K + (g * M + cols64[:, None]) * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
         )
-        logits = _matmul(q, tl.trans(keys), ELEMENTWISE)
+        logits = _matmul(q, tl.trans(keys), ELEMENTWISE, DOT_PRECISION)
         if HAS_BIAS:
             logits += tl.load(BIAS + g * M + cols64, mask=col_ok, other=0.0).to(acc_ty)[None, :]
         prob = tl.where(valid[:, None] & col_ok[None, :], tl.exp(logits - lse[:, None]), 0.0)
@@ -305,11 +312,13 @@ def softmax_rows_backward_kernel(
                 mask=col_ok[:, None] & value_dim_ok[None, :],
                 other=0.0,
             )
-            coefficient += _matmul(grad_out, tl.trans(values), ELEMENTWISE)
+            coefficient += _matmul(grad_out, tl.trans(values), ELEMENTWISE, DOT_PRECISION)
         if HAS_QUAD:
             coefficient += quad[:, None] * prob
         grad_logits = prob * coefficient
-        grad_q += _matmul(grad_logits.to(keys.dtype), keys, ELEMENTWISE)
+        grad_q += _matmul(grad_logits.to(keys.dtype), keys, ELEMENTWISE, DOT_PRECISION)
+        grad_scale += tl.sum(grad_logits * tl.where(col_ok[None, :], logits - lse[:, None], 0.0), 1)
+    tl.store(GRAD_SCALE + at, grad_scale.to(GRAD_SCALE.dtype.element_ty), mask=in_range)
     tl.store(
         GRAD_Q + (rows64[:, None] * G + g) * D + dims[None, :],
         grad_q.to(GRAD_Q.dtype.element_ty),
@@ -339,6 +348,7 @@ def softmax_columns_backward_kernel(
     ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_GRAD_OUT: tl.constexpr,
     HAS_QUAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -381,7 +391,7 @@ def softmax_columns_backward_kernel(
         at = g * N + rows64
         lse = tl.load(LSE + at, mask=valid, other=0.0)
         row = tl.load(ROW + at, mask=valid, other=0.0)
-        logits = _matmul(keys, tl.trans(q), ELEMENTWISE)  # (BLOCK_M, BLOCK_N)
+        logits = _matmul(keys, tl.trans(q), ELEMENTWISE, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
             logits += bias[:, None]
         prob = tl.where(col_ok[:, None] & valid[None, :], tl.exp(logits - lse[None, :]), 0.0)
@@ -392,13 +402,13 @@ def softmax_columns_backward_kernel(
                 mask=valid[:, None] & value_dim_ok[None, :],
                 other=0.0,
             )
-            coefficient += _matmul(values, tl.trans(grad_out), ELEMENTWISE)
-            grad_v += _matmul(prob.to(grad_out.dtype), grad_out, ELEMENTWISE)
+            coefficient += _matmul(values, tl.trans(grad_out), ELEMENTWISE, DOT_PRECISION)
+            grad_v += _matmul(prob.to(grad_out.dtype), grad_out, ELEMENTWISE, DOT_PRECISION)
         if HAS_QUAD:
             quad = tl.load(QUAD + at, mask=valid, other=0.0)
             coefficient += quad[None, :] * prob
         grad_logits = prob * coefficient
-        grad_k += _matmul(grad_logits.to(q.dtype), q, ELEMENTWISE)
+        grad_k += _matmul(grad_logits.to(q.dtype), q, ELEMENTWISE, DOT_PRECISION)
         grad_bias += tl.sum(grad_logits, 1)
     key_at = split * G * M + g * M + cols64
     tl.store(

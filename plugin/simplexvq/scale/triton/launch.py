@@ -26,6 +26,7 @@ __all__ = [
     "Blocks",
     "accumulation_dtype",
     "block_sizes",
+    "dot_precision",
     "softmax_columns",
     "softmax_columns_backward",
     "softmax_rows",
@@ -78,6 +79,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+DOT_PRECISIONS = ("ieee", "tf32")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' ``tl.dot`` for inputs of ``dtype``, by PyTorch's switch for float32
+    matrix products (:func:`torch.get_float32_matmul_precision`, read on the host at each launch): ``"highest"``
+    gives exact IEEE float32 products, ``"high"`` and ``"medium"`` TF32 tensor-core products (``"medium"`` would
+    allow bfloat16 products, which Triton's ``tl.dot`` does not offer for float32 operands: TF32 is the nearest).
+    Float16 / bfloat16 operands multiply on tensor cores whatever the switch, and float64 takes elementwise
+    products: both report ``"ieee"``, which leaves their code unchanged. The value is a ``tl.constexpr`` of every
+    kernel, so each precision is its own compiled variant."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
 def _launcher(kernel):
     if isinstance(kernel, JITFunction):
         return wrap_triton(kernel)
@@ -87,7 +104,13 @@ def _launcher(kernel):
 
 @triton_op("simplexvq::triton_softmax_rows", mutates_args={})
 def softmax_rows(
-    queries: Tensor, keys: Tensor, bias: Tensor | None, values: Tensor, valid: Tensor, compute_output: bool
+    queries: Tensor,
+    keys: Tensor,
+    bias: Tensor | None,
+    values: Tensor,
+    valid: Tensor,
+    compute_output: bool,
+    dot_precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row pass: ``(output (N or 0, G, DV), lse, indices (N, G) long, exp(entropy), max p, |p|^2)``."""
     num_rows, groups, dim = queries.shape
@@ -118,6 +141,7 @@ def softmax_rows(
             value_dim,
             HAS_BIAS=bias is not None,
             ELEMENTWISE=queries.dtype == torch.float64,
+            DOT_PRECISION=dot_precision,
             HAS_OUT=compute_output,
             BLOCK_N=blocks.rows,
             BLOCK_M=blocks.columns,
@@ -156,6 +180,7 @@ def softmax_columns(
     squared_norm: Tensor,
     k: int,
     knn_distance: str,
+    dot_precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Column pass: ``(prob_sum (G, M), top values (k, G M), top rows (k, G M) long)``; ``k = 0``: sums only.
 
@@ -189,6 +214,7 @@ def softmax_columns(
         rows_per_split,
         HAS_BIAS=bias is not None,
         ELEMENTWISE=queries.dtype == torch.float64,
+        DOT_PRECISION=dot_precision,
         KNN=KNN_MODES[knn_distance if k > 0 else None],
         BLOCK_N=blocks.rows,
         BLOCK_M=blocks.columns,
@@ -219,11 +245,16 @@ def softmax_rows_backward(
     lse: Tensor,
     row: Tensor,
     quad: Tensor | None,
-) -> Tensor:
-    """Gradient of the queries (N, G, D) for the logits' gradient ``p * (dO . v - row + quad * p)``."""
+    dot_precision: str = "ieee",
+) -> tuple[Tensor, Tensor]:
+    """Gradient of the queries (N, G, D) for the logits' gradient ``ds = p * (dO . v - row + quad * p)``, and per
+    row (G, N) ``sum_m ds[n, m] (l[n, m] - lse[n])``: the dense part of the gradient of a common scale of the
+    logits (times that scale), summed as one term per entry so that nothing cancels (see
+    :mod:`simplexvq.scale.triton.function`)."""
     num_rows, groups, dim = queries.shape
     size, value_dim = keys.shape[1], values.shape[2]
     grad_queries = torch.empty_like(queries)
+    grad_scale = lse.new_empty(groups, num_rows)
     if num_rows > 0:
         blocks = block_sizes(queries.device, dim, value_dim, queries.dtype)
         grid = (triton.cdiv(num_rows, blocks.rows), groups)
@@ -238,6 +269,7 @@ def softmax_rows_backward(
             row,
             row if quad is None else quad,
             grad_queries,
+            grad_scale,
             num_rows,
             groups,
             size,
@@ -245,6 +277,7 @@ def softmax_rows_backward(
             value_dim,
             HAS_BIAS=bias is not None,
             ELEMENTWISE=queries.dtype == torch.float64,
+            DOT_PRECISION=dot_precision,
             HAS_GRAD_OUT=grad_output is not None,
             HAS_QUAD=quad is not None,
             BLOCK_N=blocks.rows,
@@ -254,7 +287,7 @@ def softmax_rows_backward(
             num_warps=blocks.num_warps,
             num_stages=blocks.num_stages,
         )
-    return grad_queries
+    return grad_queries, grad_scale
 
 
 @triton_op("simplexvq::triton_softmax_columns_backward", mutates_args={})
@@ -268,6 +301,7 @@ def softmax_columns_backward(
     lse: Tensor,
     row: Tensor,
     quad: Tensor | None,
+    dot_precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the keys (G, M, D), the bias (G, M; zeros without a bias) and the values (G, M, DV; zeros
     without ``grad_output``): the splits' partial gradients (accumulation dtype) summed here."""
@@ -302,6 +336,7 @@ def softmax_columns_backward(
         rows_per_split,
         HAS_BIAS=bias is not None,
         ELEMENTWISE=queries.dtype == torch.float64,
+        DOT_PRECISION=dot_precision,
         HAS_GRAD_OUT=grad_output is not None,
         HAS_QUAD=quad is not None,
         BLOCK_N=blocks.rows,
