@@ -201,3 +201,76 @@ def test_every_kernel_product_gets_the_chosen_precision(monkeypatch, setting, ex
         torch.set_float32_matmul_precision(previous)
     assert seen, "no tl.dot ran"
     assert all(expected in precision for precision in seen), sorted(set(seen))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ProductQuantizer: autocast decides the dtype handed to the kernels (QuantizerConfig.streamed_precision)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _quantizer(**options):
+    import simplexvq
+
+    torch.manual_seed(0)
+    config = simplexvq.QuantizerConfig(
+        dim=16, codebook_size=20, groups=2, knn_k=3, memory_efficient=True, backend="triton", **options
+    )
+    return simplexvq.ProductQuantizer(config)
+
+
+def _spy_on_layer(quantizer, monkeypatch) -> list[torch.dtype]:
+    """Run one forward to make the backend, then record the dtype of every input its ``quantize`` receives."""
+    seen: list[torch.dtype] = []
+    quantizer(torch.randn(4, 16))
+    backend = quantizer.streamed_backend
+    original = backend.quantize
+
+    def recording(z, codebook, temperature, **options):
+        seen.append((z.dtype, codebook.dtype, temperature.dtype))
+        return original(z, codebook, temperature, **options)
+
+    monkeypatch.setattr(backend, "quantize", recording)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("precision", "autocast_dtype", "expected"),
+    [
+        ("auto", torch.float16, torch.float16),
+        ("fp32", torch.float16, torch.float32),
+        ("auto", None, torch.float32),
+        ("auto", torch.bfloat16, torch.float32),  # bfloat16 CPU tensors: the interpreter cannot read them
+    ],
+)
+def test_quantizer_runs_the_kernels_in_the_autocast_dtype(monkeypatch, precision, autocast_dtype, expected):
+    quantizer = _quantizer(streamed_precision=precision)
+    reference = _quantizer(streamed_precision="fp32")
+    seen = _spy_on_layer(quantizer, monkeypatch)
+    z = torch.randn(2, 15, 16, generator=torch.Generator().manual_seed(1))
+    z_half = z.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+        out = quantizer(z_half)
+    assert seen == [(expected, expected, expected)]
+    assert out.quantized.dtype == torch.float32 and out.loss.dtype == torch.float32
+    assert all(value.dtype == torch.float32 for value in out.stats.values())
+    (out.quantized.square().sum() + out.loss).backward()
+    assert z_half.grad.dtype == torch.float32
+    assert quantizer.codebook.weight.grad.dtype == torch.float32
+    assert quantizer.logits.log_temperature.grad.dtype == torch.float32
+    z_exact = z.clone().requires_grad_(True)
+    exact = reference(z_exact)
+    (exact.quantized.square().sum() + exact.loss).backward()
+    tolerance = 1e-6 if expected == torch.float32 else 2e-2
+    torch.testing.assert_close(out.quantized, exact.quantized, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(out.loss, exact.loss, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(z_half.grad, z_exact.grad, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(
+        quantizer.codebook.weight.grad, reference.codebook.weight.grad, atol=tolerance, rtol=tolerance
+    )
+
+
+def test_streamed_precision_is_validated():
+    import simplexvq
+
+    with pytest.raises(ValueError, match=r"streamed_precision='bf16' is not one of auto, fp32"):
+        simplexvq.QuantizerConfig(dim=8, codebook_size=4, streamed_precision="bf16")

@@ -44,7 +44,7 @@ def _signature(kernel: str, dtype: str) -> tuple[dict[str, str], set[str]]:
     element = "*" + POINTER_TYPES[dtype]
     accumulate = "*fp64" if dtype == "float64" else "*fp32"
     inputs = {"Q", "K", "V", "BIAS", "GRAD_OUT", "OUT", "GRAD_Q"}
-    integers = {"N", "G", "M", "D", "DV", "NUM_K", "ROWS_PER_SPLIT"}
+    integers = {"N", "G", "M", "D", "DV", "NUM_K", "ROWS_PER_SPLIT", "SLICES"}
     pointers = {"VALID": "*i8", "INDICES": "*i64", "TOP_ROWS": "*i64"}
     from simplexvq.scale.triton import kernels
 
@@ -63,8 +63,7 @@ def variants(quick: bool) -> list[Variant]:
         for knn in (0, 1, 2) if not quick else (2,):
             out.append(Variant("softmax_columns_kernel", dtype, dim, (("HAS_BIAS", True), ("KNN", knn))))
         flags = (("HAS_BIAS", True), ("HAS_GRAD_OUT", True), ("HAS_QUAD", True))
-        out.append(Variant("softmax_rows_backward_kernel", dtype, dim, flags))
-        out.append(Variant("softmax_columns_backward_kernel", dtype, dim, flags))
+        out.append(Variant("softmax_backward_kernel", dtype, dim, flags))
     return out
 
 
@@ -96,8 +95,10 @@ def compile_variant(variant: Variant, arch: int) -> dict:
 
     fn = getattr(kernels, variant.kernel)
     dtype = getattr(torch, variant.dtype)
-    blocks = block_sizes(torch.device("cuda"), variant.dim, variant.dim, dtype)
+    backward = variant.kernel == "softmax_backward_kernel"
+    blocks = block_sizes(torch.device("cuda"), variant.dim, variant.dim, dtype, backward=backward)
     constants: dict[str, object] = dict(variant.switches, ELEMENTWISE=dtype == torch.float64)
+    constants["DOT_PRECISION"] = "tf32" if variant.dtype == "float32" else "ieee"
     constants.update(BLOCK_N=blocks.rows, BLOCK_M=blocks.columns, BLOCK_D=blocks.dim, BLOCK_DV=blocks.value_dim)
     if variant.kernel == "softmax_columns_kernel":
         constants.pop("BLOCK_DV")

@@ -9,7 +9,7 @@ row, ``c_n`` selected vertices of selected mass ``s_n``, the gradient of the log
     CE : row = <dO, O> - w c_n,                          quad = 0,       sparse = -w
     L2 : row = <dO, O> - 2 w (s_n - c_n |p|^2),           quad = 2 w c_n, sparse = -2 w p_nm
 
-The dense part runs in the two backward kernels (``dq``; ``dk``, ``db``, ``dv``); the sparse part touches only
+The dense part runs in the backward kernel (``dq``, ``dk``, ``db``, ``dv`` in one pass); the sparse part touches only
 the K C selected entries and is added with fixed-shape gathers and ``index_add_``.
 
 The temperature enters as a separate per-group scale ``s = 1 / tau`` of the logits, ``l = s (q0 . k + b0)``
@@ -178,10 +178,7 @@ class FusedSoftmax(torch.autograd.Function):
                 quad = (2.0 * weight * counts).contiguous()
                 sparse = -2.0 * weight * prob
             row = row.contiguous()
-        grad_queries, scaled_grad_scale = launch.softmax_rows_backward(
-            queries, keys, bias, values, grad_output, valid, lse, row, quad, ctx.precision
-        )
-        grad_keys, grad_bias, grad_values = launch.softmax_columns_backward(
+        grad_queries, scaled_grad_scale, grad_keys, grad_bias, grad_values = launch.softmax_backward(
             queries, keys, bias, values, grad_output, valid, lse, row, quad, ctx.precision
         )
         scaled_grad_scale = scaled_grad_scale.sum(dim=1)
@@ -202,16 +199,15 @@ class FusedSoftmax(torch.autograd.Function):
                 .to(accumulate)
                 .index_add_(0, entry_group * size + entry_code, to_keys)
                 .view(groups, size, dim)
-                .to(keys.dtype)
             )
             grad_bias = grad_bias.reshape(-1).to(accumulate).index_add_(0, entry_group * size + entry_code, sparse)
             grad_bias = grad_bias.view(groups, size)
         grad_scale = scaled_grad_scale / scale.to(accumulate)
         return (
             (grad_queries * scale[:, None]).to(queries.dtype),
-            grad_keys,
+            grad_keys.to(keys.dtype),
             (grad_bias * scale[:, None].to(accumulate)).to(bias.dtype) if bias is not None else None,
-            grad_values if grad_output is not None else None,
+            grad_values.to(values.dtype) if grad_output is not None else None,
             grad_scale.to(scale.dtype),
             None,
             None,
