@@ -2,7 +2,7 @@
 
 Three layers, as in flash attention: raw kernels (:mod:`.kernels`), one PyTorch operator per launch
 (:mod:`.launch`, registered with :func:`torch.library.triton_op`), a thin autograd function (:mod:`.function`)
-and the documented public function below. Four launches per training step (two forward, two backward) whatever
+and the documented public function below. Three launches per training step (two forward, one backward) whatever
 N is, no N x M buffer, no host read: padding is a mask used as weights, checks run on the device
 (:func:`torch._assert_async`), and a global search adds exactly one ``all_reduce`` and one ``all_gather``.
 
@@ -145,7 +145,8 @@ def triton_streamed_softmax_quantize(
     call keeps fixed shapes and never waits for the host. Statistics average over the valid rows (NaN without
     any). K larger than the number of valid rows (over all ranks for ``scope="global"``) fails on the device
     (``RuntimeError`` on the CPU; a device-side assertion on a GPU); without ``valid`` a local K > N is a
-    ``ValueError`` at once. Inputs in float16 / bfloat16 accumulate in float32; float32 and float64 are exact.
+    ``ValueError`` at once. Inputs in float16 / bfloat16 accumulate in float32; float32 products are IEEE or TF32
+    as :func:`torch.get_float32_matmul_precision` says ("highest": IEEE); float64 is exact.
     ``scope="global"`` joins two collectives: call it on every rank, also with N = 0.
     """
     _check_inputs(z, codebook, temperature, valid, distance)

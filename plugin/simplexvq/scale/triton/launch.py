@@ -27,6 +27,7 @@ __all__ = [
     "accumulation_dtype",
     "block_sizes",
     "dot_precision",
+    "knn_slots",
     "reduction_slices",
     "softmax_backward",
     "softmax_columns",
@@ -53,15 +54,26 @@ def _padded(width: int) -> int:
     return max(16, triton.next_power_of_2(max(width, 1)))
 
 
+def knn_slots(k: int) -> int:
+    """``BLOCK_K`` of the column pass: K rounded up to a power of two (at least 2)."""
+    return max(2, triton.next_power_of_2(max(k, 1)))
+
+
 def block_sizes(
-    device: torch.device, dim: int, value_dim: int, dtype: torch.dtype = torch.float32, *, backward: bool = False
+    device: torch.device,
+    dim: int,
+    value_dim: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    backward: bool = False,
 ) -> Blocks:
     """Tiles for a device, input dtype and kernel (the forward passes, or the backward pass, which holds more per
     row: ``q``, ``dO`` and ``dq``): small ones for the interpreter (CPU tensors); on a GPU a table keyed by dtype
     and padded width, the largest tiles that compile for sm_90 without register spills
     (``benchmarks/gpu/compile_check.py`` reports registers, spills and occupancy of each). float32 products need
     smaller tiles than float16 / bfloat16 tensor-core products, and float64's elementwise products hold a
-    (rows, D, keys) block (a test path: it spills)."""
+    (rows, D, keys) block (a test path: it spills). The column pass's top-K state (keys x K slots) fits the same
+    tiles up to K = 128 without spills."""
     padded, padded_values = _padded(dim), _padded(value_dim)
     if device.type != "cuda":
         return Blocks(16, 16, padded, padded_values)
@@ -76,7 +88,7 @@ def block_sizes(
 _FORWARD_TILES = {
     "float64": [(1 << 30, (16, 16, 8, 1))],
     "float32": [(64, (32, 32, 4, 3)), (1 << 30, (16, 16, 4, 2))],
-    "half": [(64, (64, 64, 8, 3)), (128, (32, 32, 8, 2)), (1 << 30, (32, 16, 4, 2))],
+    "half": [(64, (64, 64, 8, 3)), (128, (32, 32, 8, 2)), (1 << 30, (32, 16, 8, 2))],
 }
 _BACKWARD_TILES = {
     "float64": [(1 << 30, (16, 16, 8, 1))],
@@ -229,7 +241,7 @@ def softmax_columns(
         BLOCK_N=blocks.rows,
         BLOCK_M=blocks.columns,
         BLOCK_D=blocks.dim,
-        BLOCK_K=max(2, triton.next_power_of_2(max(k, 1))),
+        BLOCK_K=knn_slots(k),
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
