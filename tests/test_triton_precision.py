@@ -9,7 +9,9 @@ whole matrices) run in that precision on the same inputs. Modes:
   whatever ``input_precision`` says, so TF32 numerics cannot be tested here: the tests check the host-side choice
   (the ``input_precision`` every ``tl.dot`` of every kernel receives).
 * float16: products of float16 operands, float32 accumulation and softmax statistics.
-* bfloat16: the interpreter cannot read bfloat16 memory (a documented gap; the GPU check runs it).
+* bfloat16: the interpreter cannot read bfloat16 memory (a documented gap). With
+  ``SIMPLEXVQ_TRITON_TEST_DEVICE=cuda`` these tests run compiled on a GPU, where bfloat16 and TF32 (against the
+  dense path's cuBLAS TF32) are tested too.
 
 The temperature gradient of Euclidean logits is held to the dense float32 error on held-out cases where summing
 the query and bias terms apart used to cancel (issue 19).
@@ -28,9 +30,17 @@ from simplexvq import functional as VQF  # noqa: E402
 from simplexvq.scale.triton import triton_streamed_softmax_quantize  # noqa: E402
 from simplexvq.scale.triton.launch import dot_precision  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels run on CPU tensors only when interpreted"
-)
+DEVICE = "cuda" if os.environ.get("SIMPLEXVQ_TRITON_TEST_DEVICE") == "cuda" else "cpu"  # as test_triton_backend
+if DEVICE == "cpu":
+    pytestmark = pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels run on CPU tensors only when interpreted"
+    )
+else:
+    pytestmark = pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="SIMPLEXVQ_TRITON_TEST_DEVICE=cuda needs a GPU"
+    )
+ON_CPU = pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter (CPU tensors)")
+ON_GPU = pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter multiplies in float32 and cannot read bfloat16")
 
 
 def _inputs(n, groups, entries, d, seed, tau_low=0.3, tau_high=1.3):
@@ -40,7 +50,7 @@ def _inputs(n, groups, entries, d, seed, tau_low=0.3, tau_high=1.3):
     z = torch.randn(n, groups, d, generator=gen, dtype=torch.float64)
     codebook = torch.randn(groups, entries, d, generator=gen, dtype=torch.float64)
     temperature = tau_low + (tau_high - tau_low) * torch.rand(groups, generator=gen, dtype=torch.float64)
-    return [x.half().double() for x in (z, codebook, temperature)]
+    return [x.half().double().to(DEVICE) for x in (z, codebook, temperature)]
 
 
 def _dense(z, codebook, temperature, distance, k, knn_distance):
@@ -91,7 +101,8 @@ NAMES = ("output", "loss", "z grad", "codebook grad", "temperature grad")
 
 def _check_against_dense(dtype, distance, knn_distance, shape, k, seed, factor, tau=(0.3, 1.3)):
     inputs = _inputs(*shape, seed=seed, tau_low=tau[0], tau_high=tau[1])
-    weight = torch.randn(shape[0], shape[1], shape[3], generator=torch.Generator().manual_seed(seed + 1)).double()
+    weight = torch.randn(shape[0], shape[1], shape[3], generator=torch.Generator().manual_seed(seed + 1))
+    weight = weight.double().to(DEVICE)
     exact = _values_and_grads(_dense, inputs, torch.float64, distance, k, knn_distance, weight)
     fused = _values_and_grads(_fused, inputs, dtype, distance, k, knn_distance, weight)
     fused_errors = _relative_errors(fused, exact)
@@ -129,11 +140,28 @@ def test_float32_ieee_is_as_accurate_as_dense_float32(distance, knn_distance, sh
         torch.set_float32_matmul_precision(previous)
 
 
+HALF = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]  # bfloat16: see the module doc
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize(("distance", "knn_distance"), [("cosine", "ce"), ("euclid", "l2")])
-def test_float16_is_as_accurate_as_dense_float16(distance, knn_distance):
-    """Float16 operands, float32 accumulation and statistics: at least as accurate as the dense path in float16
-    (which rounds the logits and the probabilities to float16)."""
-    _check_against_dense(torch.float16, distance, knn_distance, (33, 2, 19, 16), 3, seed=5, factor=2.0)
+def test_half_precision_is_as_accurate_as_dense_half_precision(dtype, distance, knn_distance):
+    """Float16 / bfloat16 operands, float32 accumulation and statistics: at least as accurate as the dense path
+    in that dtype (which rounds the logits and the probabilities to it)."""
+    _check_against_dense(dtype, distance, knn_distance, (33, 2, 19, 16), 3, seed=5, factor=2.0)
+
+
+@ON_GPU
+@pytest.mark.parametrize(("distance", "knn_distance"), [("cosine", "ce"), ("euclid", "l2")])
+def test_tf32_is_as_accurate_as_dense_tf32(distance, knn_distance):
+    """float32 inputs with ``torch.set_float32_matmul_precision("high")``: the kernels' TF32 products against the
+    dense path's (cuBLAS TF32) under the same switch. Only on a GPU: the interpreter multiplies in float32."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _check_against_dense(torch.float32, distance, knn_distance, (64, 2, 40, 32), 3, seed=9, factor=4.0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 # Held-out cases of issue 19: Euclidean logits at low temperatures, where the query and bias parts of the
@@ -179,6 +207,7 @@ def test_dot_precision_follows_torch_float32_matmul_precision(setting, dtype, ex
         torch.set_float32_matmul_precision(previous)
 
 
+@ON_CPU
 @pytest.mark.parametrize(("setting", "expected"), [("highest", "IEEE"), ("high", "TF32")])
 def test_every_kernel_product_gets_the_chosen_precision(monkeypatch, setting, expected):
     from triton.runtime import interpreter
@@ -233,6 +262,7 @@ def _spy_on_layer(quantizer, monkeypatch) -> list[torch.dtype]:
     return seen
 
 
+@ON_CPU  # CPU autocast; on a GPU the same code path takes torch.autocast("cuda")
 @pytest.mark.parametrize(
     ("precision", "autocast_dtype", "expected"),
     [
