@@ -207,6 +207,23 @@ def test_dot_precision_follows_torch_float32_matmul_precision(setting, dtype, ex
         torch.set_float32_matmul_precision(previous)
 
 
+def test_dot_precision_is_traced_by_torch_compile():
+    """Read inside a compiled function (``fullgraph``: no graph break), it follows the switch (a recompile)."""
+
+    def step(x):
+        return x + (1.0 if dot_precision(torch.float32) == "tf32" else 0.0)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert float(compiled(torch.zeros(()))) == 0.0
+        torch.set_float32_matmul_precision("high")
+        assert float(compiled(torch.zeros(()))) == 1.0
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @ON_CPU
 @pytest.mark.parametrize(("setting", "expected"), [("highest", "IEEE"), ("high", "TF32")])
 def test_every_kernel_product_gets_the_chosen_precision(monkeypatch, setting, expected):
