@@ -432,6 +432,7 @@ CORE_OPTIONS = {  # option -> (method, value): one valid non-default setting of 
     "chunk_size": ("softmax-knn_ce", 7),
     "vertex_subsample": ("softmax-knn_ce", 4),
     "backend": ("softmax-knn_ce", "reference"),
+    "streamed_precision": ("softmax-knn_ce", "fp32"),
 }
 FIXED_BY_THE_MODEL = {"codebook_size", "groups", "gumbel_temperature"}
 

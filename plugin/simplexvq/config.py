@@ -15,6 +15,7 @@ Inference = Literal["hard", "soft"]
 
 KnnScope = Literal["local", "global"]
 Backend = BackendName
+StreamedPrecision = Literal["auto", "fp32"]
 
 SMOOTHING_METHODS: tuple[str, ...] = ("softmax", "soft_gumbel", "hard_gumbel")
 HARD_METHODS: tuple[str, ...] = ("ste", "rotation", "simvq")
@@ -24,6 +25,7 @@ DISTANCES: tuple[str, ...] = ("cosine", "euclid")
 KNN_REGULARIZERS: tuple[str, ...] = ("knn_ce", "knn_l2")
 KNN_SCOPES: tuple[str, ...] = ("local", "global")
 BACKENDS: tuple[str, ...] = BACKEND_NAMES
+STREAMED_PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 
 
 @dataclass(kw_only=True)
@@ -98,6 +100,13 @@ class QuantizerConfig:
     CPU tensors, ``triton`` on GPU tensors when the ``triton`` package imports, else ``reference``). Every backend
     gives the same values and gradients and accepts every option; under ``torch.compile`` the ``cpu`` backend is
     replaced by ``reference``. Only used with ``memory_efficient=True``."""
+    streamed_precision: StreamedPrecision = "auto"
+    """Input precision of the ``triton`` backend's kernels (``memory_efficient=True``), by PyTorch's conventions.
+    ``auto``: under float16 / bfloat16 autocast the kernels take their inputs in the autocast dtype (tensor-core
+    products, float32 accumulation, float32 softmax statistics; outputs and gradients come back in float32);
+    otherwise float32, whose products are IEEE or TF32 as ``torch.get_float32_matmul_precision()`` says.
+    ``fp32``: float32 inputs also under autocast. The other backends, a float64 quantizer and bfloat16 on CPU
+    tensors (Triton's interpreter cannot read bfloat16) always run in float32 / float64."""
 
     def __post_init__(self) -> None:
         if isinstance(self.gumbel_temperature, dict):
@@ -174,6 +183,12 @@ class QuantizerConfig:
         """The options of issue 4: global KNN, memory-efficient streaming, chunking, vertex subsampling."""
         _one_of("knn_scope", self.knn_scope, KNN_SCOPES)
         _one_of("backend", self.backend, BACKENDS)
+        if self.streamed_precision not in STREAMED_PRECISIONS:
+            raise ValueError(
+                f"QuantizerConfig: streamed_precision={self.streamed_precision!r} is not one of "
+                f"{', '.join(STREAMED_PRECISIONS)}: 'auto' follows autocast (half-precision kernels under float16 / "
+                "bfloat16 autocast), 'fp32' keeps the streamed layer in float32"
+            )
         knn = self.regularizer in KNN_REGULARIZERS
         if self.knn_scope == "global" and not knn:
             raise ValueError(

@@ -26,7 +26,9 @@ class ProductQuantizer(nn.Module):
 
     Input ``z`` of shape (..., dim) is split into ``groups`` chunks; chunk g is quantized with codebook g of
     ``codebook_size`` entries. The quantizer runs in float32 whatever the autocast state (smoothing and
-    nearest-neighbour search are unstable in half precision) and returns the output in the input's dtype.
+    nearest-neighbour search are unstable in half precision) and returns the output in the input's dtype; only
+    the Triton kernels of the streamed layer take half-precision inputs under autocast (they accumulate and keep
+    the softmax statistics in float32; ``QuantizerConfig.streamed_precision``).
 
     Training mode uses the configured smoothing or gradient estimator; eval mode quantizes hard (argmax) for every
     method, or returns the smoothed ``Q pi`` when ``config.inference == "soft"``.
@@ -113,11 +115,14 @@ class ProductQuantizer(nn.Module):
         flat = z.reshape(-1, config.groups, config.group_dim)
         # float32 at least (also under autocast), float64 for a .double() quantizer
         compute_dtype = torch.promote_types(self.codebook.weight.dtype, torch.float32)
+        layer_dtype = self._streamed_dtype(z, backend, compute_dtype)
         with torch.autocast(device_type=z.device.type, enabled=False):
             x = (flat if in_place else flat[valid]).to(compute_dtype)
             row_mask = valid if in_place and padding_mask is not None else None
             if streams:
-                quantized, indices, losses, stats, probs = self._smoothed_streamed(x, return_probs, row_mask)
+                quantized, indices, losses, stats, probs = self._smoothed_streamed(
+                    x, return_probs, row_mask, layer_dtype
+                )
             elif config.is_smoothing:
                 quantized, indices, losses, stats, probs = self._smoothed(x, return_probs)
             else:
@@ -147,6 +152,22 @@ class ProductQuantizer(nn.Module):
             stats=stats,
             probs=probs,
         )
+
+    def _streamed_dtype(self, z: Tensor, backend: StreamedBackend | None, compute_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the streamed layer's inputs (``QuantizerConfig.streamed_precision``): the autocast dtype
+        when autocast is on for ``z``'s device, the option is ``auto`` and the backend runs the Triton kernels
+        (half-precision products, float32 accumulation and statistics); otherwise ``compute_dtype``."""
+        if self.config.streamed_precision != "auto" or compute_dtype != torch.float32:
+            return compute_dtype
+        if backend is None or backend.name != "triton" or getattr(backend, "fell_back", False):
+            return compute_dtype
+        device_type = z.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return compute_dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype not in (torch.float16, torch.bfloat16) or (dtype == torch.bfloat16 and device_type == "cpu"):
+            return compute_dtype  # Triton's interpreter (CPU tensors) cannot read bfloat16
+        return dtype
 
     def _backend_for(self, z: Tensor) -> StreamedBackend:
         """The streamed layer's backend for ``z``'s device, made once (again only if what it resolves to changes:
@@ -241,10 +262,12 @@ class ProductQuantizer(nn.Module):
         return quantized, indices, losses, stats, (pi if return_probs else None)
 
     def _smoothed_streamed(
-        self, x: Tensor, return_probs: bool, valid: Tensor | None
+        self, x: Tensor, return_probs: bool, valid: Tensor | None, layer_dtype: torch.dtype | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], None]:
         """``memory_efficient=True``: the softmax path of :meth:`_smoothed`, streamed by the configured backend
-        (:mod:`simplexvq.scale.backends`); ``valid`` (N,) the unpadded rows when padded rows are kept in place."""
+        (:mod:`simplexvq.scale.backends`); ``valid`` (N,) the unpadded rows when padded rows are kept in place.
+        The backend takes its inputs in ``layer_dtype`` (default: ``x``'s) and its results come back in
+        ``x``'s dtype."""
         config = self.config
         if return_probs:
             raise ValueError(
@@ -254,10 +277,11 @@ class ProductQuantizer(nn.Module):
         codebook = self.codebook().to(x.dtype)
         knn_reg = config.regularizer in KNN_REGULARIZERS and self._knn_defined(x.shape[0])
         soft_output = self.training or config.inference == "soft"
+        layer_dtype = layer_dtype or x.dtype
         request = StreamedRequest(
-            z=x,
-            codebook=codebook,
-            temperature=self.logits.temperature.to(x.dtype),
+            z=x.to(layer_dtype),
+            codebook=codebook.to(layer_dtype),
+            temperature=self.logits.temperature.to(layer_dtype),
             distance=config.distance,
             knn_k=config.knn_k if knn_reg else None,
             knn_distance=config.regularizer.removeprefix("knn_") if knn_reg else "ce",
@@ -269,15 +293,15 @@ class ProductQuantizer(nn.Module):
         )
         result = self._backend_for(x).quantize(request)
         if soft_output:
-            quantized = result.quantized
+            quantized = result.quantized.to(x.dtype)
         else:  # the hard code vectors, as the dense path's onehot @ Q (zero rows at padding)
             codes = codebook[torch.arange(config.groups, device=x.device), result.indices.clamp_min(0)]
             quantized = codes if valid is None else torch.where(valid[:, None, None], codes, codes.new_zeros(()))
         losses: dict[str, Tensor] = {}
         if knn_reg:
-            losses[config.regularizer] = config.regularizer_weight * result.knn_loss
+            losses[config.regularizer] = config.regularizer_weight * result.knn_loss.to(x.dtype)
         stats = hard_code_stats(result.indices, config.codebook_size)
-        stats.update(result.stats)
+        stats.update({name: value.to(x.dtype) for name, value in result.stats.items()})
         stats["temperature"] = self.logits.temperature.detach()
         return quantized, result.indices, losses, stats, None
 

@@ -27,6 +27,7 @@ OPTION_VALUES = {
     "chunk_size": "7",
     "vertex_subsample": "5",
     "backend": "reference",
+    "streamed_precision": "fp32",
 }
 """A valid non-default value of every :data:`simplexvq.spec.OPTION_NAMES` option, as written on a command line
 (a key the installed core does not have is simply not tested)."""

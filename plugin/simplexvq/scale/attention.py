@@ -5,8 +5,8 @@ The smoothed output ``Q p = softmax(logits(z, Q) / tau) Q`` is an attention with
 ``torch.nn.functional.scaled_dot_product_attention`` (the output only; nothing for the KNN regularizer or the
 statistics). The factors of the logits are written once, :func:`query_part` and :func:`key_part` (without the
 temperature); the streamed backends take them as :func:`attention_queries` / :func:`attention_keys` (the bias as
-an extra width, the temperature folded into the queries), :func:`attention_form` (the bias apart) or
-:func:`temperature_free_form` (bias and temperature apart, for fused kernels that scale per group).
+an extra width, the temperature folded into the queries) or :func:`temperature_free_form` (bias and temperature
+apart, for fused kernels that scale per group).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ LogitsKind = Literal["cosine", "euclid"]
 
 __all__ = [
     "LogitsKind",
-    "attention_form",
     "attention_keys",
     "attention_queries",
     "key_part",
@@ -84,13 +83,3 @@ def attention_queries(kind: LogitsKind, z: Tensor, temperature: Tensor) -> Tenso
     if kind != "cosine":
         queries = torch.cat([queries, -torch.ones_like(z[..., :1])], dim=-1)
     return queries / temperature[:, None]
-
-
-def attention_form(
-    kind: LogitsKind, z: Tensor, codebook: Tensor, temperature: Tensor
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Queries (N, G, D), keys (G, M, D) and bias (G, M) or ``None`` with ``q . k + b`` the logits up to a per-row
-    constant: :func:`temperature_free_form` with the temperature folded into the queries and the bias."""
-    queries, keys, bias, scale = temperature_free_form(kind, z, codebook, temperature)
-    scale = scale[:, None]
-    return queries * scale, keys, None if bias is None else bias * scale

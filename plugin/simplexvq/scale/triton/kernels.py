@@ -1,4 +1,4 @@
-"""Raw Triton kernels of the fused softmax quantizer: two forward passes and two backward passes.
+"""Raw Triton kernels of the fused softmax quantizer: two forward passes and one backward pass.
 
 Notation (one group ``g`` at a time; every kernel's second grid axis is the group): queries ``q`` (N, G, D),
 keys ``k`` (G, M, D), an optional per-key bias ``b`` (G, M), values ``v`` (G, M, DV). The logits are
@@ -7,15 +7,18 @@ zeros and masked out of every sum, statistic and neighbour search; nothing of si
 
 * :func:`softmax_rows_kernel` (row-parallel, as flash attention's forward): loops over tiles of keys with an
   online log-sum-exp; writes ``lse``, the output ``p v``, the first argmax, ``exp(entropy)``, ``max p`` and
-  ``|p|^2`` per row.
+  ``|p|^2`` per row. Two products per tile.
 * :func:`softmax_columns_kernel` (column-parallel): loops over tiles of rows, recomputes the logits with ``lse``
   and accumulates each key's column sum of ``p`` and keeps its ``NUM_K`` smallest deviations (cross-entropy
   ``lse - l`` or L2 ``1 - 2 p_m + |p|^2``) with their rows in registers. The rows may be split over a third
-  grid axis (partial results reduced by the caller) so that a small codebook still fills the GPU.
-* :func:`softmax_rows_backward_kernel` / :func:`softmax_columns_backward_kernel`: the gradient of the logits
-  ``ds = p * (dO . v - row + quad * p)`` (``row``, ``quad``: per-row coefficients prepared by the caller, see
-  :mod:`simplexvq.scale.triton.function`) recomputed tile by tile, contracted with the keys (``dq``) or with the
-  queries (``dk``, ``db``; ``dv = p^T dO``; split over rows like the forward column pass).
+  grid axis (partial results reduced by the caller) so that a small codebook still fills the GPU. One product.
+* :func:`softmax_backward_kernel` (row-parallel): the gradient of the logits ``ds = p * (dO . v - row + quad * p)``
+  (``row``, ``quad``: per-row coefficients prepared by the caller, see :mod:`simplexvq.scale.triton.function`)
+  recomputed once per tile and contracted into ``dq`` (registers), ``dk``, ``db``, ``dv`` (atomic adds) and the
+  temperature's per-row term. Five products per tile.
+
+Eight GEMM-equivalents (products of N x M x D) per training step in all, against six for the dense floor
+(logits, output; their three gradients; the KNN column pass's logits).
 
 Conventions of the Triton tutorials so that the kernels compile on GPUs and not only in the interpreter:
 power-of-two block shapes, ``tl.dot`` operands of at least 16 per side (the caller pads ``D``), masks on every
@@ -30,14 +33,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _matmul(a, b, ELEMENTWISE: tl.constexpr):
-    """``a @ b`` accumulated in float32 (``tl.dot``, exact IEEE products for float32 inputs), or, with
-    ``ELEMENTWISE``, as a broadcast product and sum in the operands' dtype: the float64 path, because Triton's
-    GPU compiler cannot lower a float64 ``tl.dot`` with these layouts."""
+def _matmul(a, b, ELEMENTWISE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in float32 by ``tl.dot`` with ``input_precision=DOT_PRECISION`` (``"ieee"``: exact
+    float32 products; ``"tf32"``: tensor-core products of float32 operands rounded to TF32; float16 / bfloat16
+    operands always multiply exactly on tensor cores), or, with ``ELEMENTWISE``, as a broadcast product and sum in
+    the operands' dtype: the float64 path, because Triton's GPU compiler cannot lower a float64 ``tl.dot`` with
+    these layouts."""
     if ELEMENTWISE:
         out = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
-        out = tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+        out = tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=tl.float32)
     return out
 
 
@@ -61,6 +66,7 @@ def softmax_rows_kernel(
     DV,
     HAS_BIAS: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -94,7 +100,7 @@ def softmax_rows_kernel(
         keys = tl.load(
             K + (g * M + cols64[:, None]) * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
         )
-        logits = _matmul(q, tl.trans(keys), ELEMENTWISE)
+        logits = _matmul(q, tl.trans(keys), ELEMENTWISE, DOT_PRECISION)
         if HAS_BIAS:
             bias = tl.load(BIAS + g * M + cols64, mask=col_ok, other=0.0).to(acc_ty)
             logits += bias[None, :]
@@ -118,7 +124,7 @@ def softmax_rows_kernel(
                 mask=col_ok[:, None] & value_dim_ok[None, :],
                 other=0.0,
             )
-            product = _matmul(exps.to(values.dtype), values, ELEMENTWISE)
+            product = _matmul(exps.to(values.dtype), values, ELEMENTWISE, DOT_PRECISION)
             output = output * alpha[:, None] + product
         running_max = new_max
 
@@ -158,6 +164,7 @@ def softmax_columns_kernel(
     ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     KNN: tl.constexpr,  # 0: column sums only, 1: cross-entropy top-K, 2: L2 top-K
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -201,10 +208,10 @@ def softmax_columns_kernel(
         valid = (tl.load(VALID + rows64, mask=in_range, other=0) != 0) & in_range
         q = tl.load(Q + (rows64[:, None] * G + g) * D + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
         lse = tl.load(LSE + g * N + rows64, mask=valid, other=0.0)
-        logits = _matmul(keys, tl.trans(q), ELEMENTWISE)  # (BLOCK_M, BLOCK_N)
+        logits = _matmul(keys, tl.trans(q), ELEMENTWISE, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_BIAS:
             logits += bias[:, None]
-        prob = tl.where(valid[None, :], tl.exp(logits - lse[None, :]), 0.0)
+        prob = tl.exp(tl.where(valid[None, :] & col_ok[:, None], logits - lse[None, :], float("-inf")))
         prob_sum += tl.sum(prob, 1)
         if KNN != 0:
             if KNN == 1:
@@ -238,7 +245,7 @@ def softmax_columns_kernel(
 
 
 @triton.jit
-def softmax_rows_backward_kernel(
+def softmax_backward_kernel(
     Q,
     K,
     BIAS,
@@ -249,13 +256,19 @@ def softmax_rows_backward_kernel(
     ROW,
     QUAD,
     GRAD_Q,
+    GRAD_SCALE,
+    GRAD_K,
+    GRAD_BIAS,
+    GRAD_V,
     N,
     G,
     M,
     D,
     DV,
+    SLICES,
     HAS_BIAS: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_GRAD_OUT: tl.constexpr,
     HAS_QUAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -263,10 +276,22 @@ def softmax_rows_backward_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """``dq = ds k`` with ``ds = p * (dO . v - row + quad * p)``: one program per (block of rows, group)."""
+    """The whole backward in one pass: one program per (block of rows, group) loops over tiles of keys and
+    recomputes each logits tile once. With ``ds = p * (dO . v - row + quad * p)``:
+
+    * ``dq = ds k`` accumulates in registers and is stored once (the program owns its rows);
+    * per row ``sum_m ds (l - lse)``, the temperature's term (see :mod:`simplexvq.scale.triton.function`);
+    * ``dk = ds^T q``, ``db = sum_n ds`` and ``dv = p^T dO`` of the tile are added with ``tl.atomic_add`` into
+      slice ``row block % SLICES`` of (SLICES, G, M, .) float32 / float64 buffers, which the caller sums (more
+      slices, fewer programs adding to one address).
+
+    Five products per tile (``q k^T``, ``dO v^T``, ``p^T dO``, ``ds k``, ``ds^T q``): with the forward's three,
+    eight GEMM-equivalents per training step (flash attention 2's backward recomputes the logits once, too).
+    """
     acc_ty = LSE.dtype.element_ty
+    block = tl.program_id(0)
     g = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = rows < N
     rows64 = rows.to(tl.int64)
     valid = (tl.load(VALID + rows64, mask=in_range, other=0) != 0) & in_range
@@ -286,7 +311,9 @@ def softmax_rows_backward_kernel(
             mask=valid[:, None] & value_dim_ok[None, :],
             other=0.0,
         )
+    key_base = ((block % SLICES).to(tl.int64) * G + g) * M  # first key of this group in this program's slice
     grad_q = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+    grad_scale = tl.zeros([BLOCK_N], acc_ty)
     for start in range(0, M, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < M
@@ -294,10 +321,12 @@ def softmax_rows_backward_kernel(
         keys = tl.load(
             K + (g * M + cols64[:, None]) * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
         )
-        logits = _matmul(q, tl.trans(keys), ELEMENTWISE)
+        logits = _matmul(q, tl.trans(keys), ELEMENTWISE, DOT_PRECISION)
         if HAS_BIAS:
             logits += tl.load(BIAS + g * M + cols64, mask=col_ok, other=0.0).to(acc_ty)[None, :]
-        prob = tl.where(valid[:, None] & col_ok[None, :], tl.exp(logits - lse[:, None]), 0.0)
+        entry_ok = valid[:, None] & col_ok[None, :]
+        centred = tl.where(entry_ok, logits - lse[:, None], float("-inf"))  # log p; -inf off the tile
+        prob = tl.exp(centred)
         coefficient = tl.zeros([BLOCK_N, BLOCK_M], acc_ty) - row[:, None]
         if HAS_GRAD_OUT:
             values = tl.load(
@@ -305,112 +334,30 @@ def softmax_rows_backward_kernel(
                 mask=col_ok[:, None] & value_dim_ok[None, :],
                 other=0.0,
             )
-            coefficient += _matmul(grad_out, tl.trans(values), ELEMENTWISE)
+            coefficient += _matmul(grad_out, tl.trans(values), ELEMENTWISE, DOT_PRECISION)
+            grad_v = _matmul(tl.trans(prob.to(grad_out.dtype)), grad_out, ELEMENTWISE, DOT_PRECISION)
+            tl.atomic_add(
+                GRAD_V + (key_base + cols64[:, None]) * DV + value_dims[None, :],
+                grad_v.to(GRAD_V.dtype.element_ty),
+                mask=col_ok[:, None] & value_dim_ok[None, :],
+            )
         if HAS_QUAD:
             coefficient += quad[:, None] * prob
         grad_logits = prob * coefficient
-        grad_q += _matmul(grad_logits.to(keys.dtype), keys, ELEMENTWISE)
+        grad_q += _matmul(grad_logits.to(keys.dtype), keys, ELEMENTWISE, DOT_PRECISION)
+        grad_keys = _matmul(tl.trans(grad_logits.to(q.dtype)), q, ELEMENTWISE, DOT_PRECISION)
+        tl.atomic_add(
+            GRAD_K + (key_base + cols64[:, None]) * D + dims[None, :],
+            grad_keys.to(GRAD_K.dtype.element_ty),
+            mask=col_ok[:, None] & dim_ok[None, :],
+        )
+        if HAS_BIAS:
+            grad_bias = tl.sum(grad_logits, 0)
+            tl.atomic_add(GRAD_BIAS + key_base + cols64, grad_bias.to(GRAD_BIAS.dtype.element_ty), mask=col_ok)
+        grad_scale += tl.sum(grad_logits * tl.where(entry_ok, centred, 0.0), 1)
+    tl.store(GRAD_SCALE + at, grad_scale.to(GRAD_SCALE.dtype.element_ty), mask=in_range)
     tl.store(
         GRAD_Q + (rows64[:, None] * G + g) * D + dims[None, :],
         grad_q.to(GRAD_Q.dtype.element_ty),
         mask=in_range[:, None] & dim_ok[None, :],
     )
-
-
-@triton.jit
-def softmax_columns_backward_kernel(
-    Q,
-    K,
-    BIAS,
-    V,
-    GRAD_OUT,
-    VALID,
-    LSE,
-    ROW,
-    QUAD,
-    GRAD_K,
-    GRAD_BIAS,
-    GRAD_V,
-    N,
-    G,
-    M,
-    D,
-    DV,
-    ROWS_PER_SPLIT,
-    HAS_BIAS: tl.constexpr,
-    ELEMENTWISE: tl.constexpr,
-    HAS_GRAD_OUT: tl.constexpr,
-    HAS_QUAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-):
-    """``dk = ds^T q``, ``db = sum_n ds``, ``dv = p^T dO``: one program per (block of keys, group, split of the
-    rows); each split writes partial gradients that the caller sums."""
-    acc_ty = LSE.dtype.element_ty
-    g = tl.program_id(1)
-    split = tl.program_id(2)
-    row_start = split * ROWS_PER_SPLIT
-    row_stop = tl.minimum(row_start + ROWS_PER_SPLIT, N)
-    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_ok = cols < M
-    cols64 = cols.to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    value_dims = tl.arange(0, BLOCK_DV)
-    value_dim_ok = value_dims < DV
-    keys = tl.load(K + (g * M + cols64[:, None]) * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + g * M + cols64, mask=col_ok, other=0.0).to(acc_ty)
-    if HAS_GRAD_OUT:
-        values = tl.load(
-            V + (g * M + cols64[:, None]) * DV + value_dims[None, :],
-            mask=col_ok[:, None] & value_dim_ok[None, :],
-            other=0.0,
-        )
-    grad_k = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
-    grad_bias = tl.zeros([BLOCK_M], acc_ty)
-    grad_v = tl.zeros([BLOCK_M, BLOCK_DV], acc_ty)
-    for start in range(row_start, row_stop, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        in_range = rows < row_stop
-        rows64 = rows.to(tl.int64)
-        valid = (tl.load(VALID + rows64, mask=in_range, other=0) != 0) & in_range
-        q = tl.load(Q + (rows64[:, None] * G + g) * D + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
-        at = g * N + rows64
-        lse = tl.load(LSE + at, mask=valid, other=0.0)
-        row = tl.load(ROW + at, mask=valid, other=0.0)
-        logits = _matmul(keys, tl.trans(q), ELEMENTWISE)  # (BLOCK_M, BLOCK_N)
-        if HAS_BIAS:
-            logits += bias[:, None]
-        prob = tl.where(col_ok[:, None] & valid[None, :], tl.exp(logits - lse[None, :]), 0.0)
-        coefficient = tl.zeros([BLOCK_M, BLOCK_N], acc_ty) - row[None, :]
-        if HAS_GRAD_OUT:
-            grad_out = tl.load(
-                GRAD_OUT + (rows64[:, None] * G + g) * DV + value_dims[None, :],
-                mask=valid[:, None] & value_dim_ok[None, :],
-                other=0.0,
-            )
-            coefficient += _matmul(values, tl.trans(grad_out), ELEMENTWISE)
-            grad_v += _matmul(prob.to(grad_out.dtype), grad_out, ELEMENTWISE)
-        if HAS_QUAD:
-            quad = tl.load(QUAD + at, mask=valid, other=0.0)
-            coefficient += quad[None, :] * prob
-        grad_logits = prob * coefficient
-        grad_k += _matmul(grad_logits.to(q.dtype), q, ELEMENTWISE)
-        grad_bias += tl.sum(grad_logits, 1)
-    key_at = split * G * M + g * M + cols64
-    tl.store(
-        GRAD_K + key_at[:, None] * D + dims[None, :],
-        grad_k.to(GRAD_K.dtype.element_ty),
-        mask=col_ok[:, None] & dim_ok[None, :],
-    )
-    if HAS_BIAS:
-        tl.store(GRAD_BIAS + key_at, grad_bias.to(GRAD_BIAS.dtype.element_ty), mask=col_ok)
-    if HAS_GRAD_OUT:
-        tl.store(
-            GRAD_V + key_at[:, None] * DV + value_dims[None, :],
-            grad_v.to(GRAD_V.dtype.element_ty),
-            mask=col_ok[:, None] & value_dim_ok[None, :],
-        )

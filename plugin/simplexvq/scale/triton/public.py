@@ -2,7 +2,7 @@
 
 Three layers below it, as in flash attention: raw kernels (:mod:`.kernels`), one PyTorch operator per launch
 (:mod:`.launch`, registered with :func:`torch.library.triton_op`) and a thin autograd function (:mod:`.function`).
-Four launches per training step (two forward, two backward) whatever N is, no N x M buffer, no host read: padding
+Three launches per training step (two forward, one backward) whatever N is, no N x M buffer, no host read: padding
 is a mask used as weights, checks of values run on the device (:func:`torch._assert_async`), and a global search
 adds exactly one ``all_reduce`` and one ``all_gather``.
 """
@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from simplexvq.functional import perplexity
-from simplexvq.scale.attention import attention_form
 from simplexvq.scale.checks import check_k_fits, check_kernel_inputs, check_vertex_values_on_device
 from simplexvq.scale.distributed import world_of
 from simplexvq.scale.streamed import StreamedQuantization, StreamedRequest
@@ -66,7 +65,8 @@ def triton_streamed_softmax_quantize(
     compacted away, so the call keeps fixed shapes and never waits for the host. Statistics average over the valid
     rows (NaN without any). K larger than the number of valid rows (over all ranks for ``scope="global"``) fails on
     the device (``RuntimeError`` on the CPU; a device-side assertion on a GPU); without ``valid`` a local K > N is a
-    ``ValueError`` at once. Inputs in float16 / bfloat16 accumulate in float32; float32 and float64 are exact.
+    ``ValueError`` at once. Inputs in float16 / bfloat16 accumulate in float32; float32 products are IEEE or TF32
+    as :func:`torch.get_float32_matmul_precision` says ("highest": IEEE); float64 is exact.
     ``scope="global"`` joins two collectives: call it on every rank, also with N = 0.
     """
     return quantize_request(StreamedRequest(z=z, codebook=codebook, temperature=temperature, **options))
@@ -74,7 +74,7 @@ def triton_streamed_softmax_quantize(
 
 def quantize_request(request: StreamedRequest) -> StreamedQuantization:
     """:func:`triton_streamed_softmax_quantize` of a request made (and checked) already."""
-    from simplexvq.scale.triton.function import FusedSoftmax, FusedSpec
+    from simplexvq.scale.triton.function import FusedSpec, fused_softmax
     from simplexvq.scale.triton.launch import accumulation_dtype
     from simplexvq.scale.triton.selection import assert_k_fits, valid_row_count
 
@@ -94,11 +94,10 @@ def quantize_request(request: StreamedRequest) -> StreamedQuantization:
             assert_k_fits(knn_k, count, world)
     if valid is not None:  # padding may hold anything (NaN included): neither values nor gradients may see it
         z = torch.where(valid[:, None, None], z, torch.zeros_like(z))
-    queries, keys, bias = attention_form(request.distance, z, codebook, temperature)
     mask = torch.ones(num_rows, dtype=torch.int8, device=z.device) if valid is None else valid.to(torch.int8)
     spec = FusedSpec(k=knn_k, knn_distance=request.knn_distance, compute_output=request.compute_output, world=world)
-    quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum = FusedSoftmax.apply(
-        queries, keys, bias, codebook, mask, vertices, spec
+    quantized, loss, indices, prob_sum, perplexity_sum, max_prob_sum = fused_softmax(
+        request.distance, z, codebook, temperature, mask, vertices, spec
     )
     rows = count.to(accumulation_dtype(z.dtype))
     stats = {
