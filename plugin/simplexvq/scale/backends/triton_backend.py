@@ -98,6 +98,7 @@ class TritonBackend(StreamedBackend):
                 request.knn_k,
                 request.knn_distance,
                 request.compute_output,
+                torch.backends.cuda.matmul.allow_tf32,  # TF32 float32 products are their own compiled variant
             )
             try:
                 if variant not in self._proven and not torch.compiler.is_compiling():
