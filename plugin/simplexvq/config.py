@@ -80,7 +80,8 @@ class QuantizerConfig:
     knn_scope: KnnScope = "local"
     """``local``: the K nearest rows of each vertex are searched in this process's batch (the paper, section 5.3);
     ``global``: among the batches of all data-parallel ranks (exact; value = single-process loss on the
-    concatenated batch, gradient scaled for DDP's averaging; see :mod:`simplexvq.scale.knn_loss`). KNN regularizers only."""
+    concatenated batch, gradient scaled for DDP's averaging; see :mod:`simplexvq.scale.knn_loss`). KNN
+    regularizers only."""
     memory_efficient: bool = False
     """Stream the softmax smoothing, the KNN regularizer and the statistics over chunks of rows, never building the
     (N, G, M) matrices (:mod:`simplexvq.scale.streamed`); same values and gradients. ``method='softmax'`` with a KNN

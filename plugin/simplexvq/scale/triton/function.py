@@ -2,8 +2,9 @@
 
 Forward: the row pass, the column pass, then (for the KNN regularizer) the vertex subset, the local or global
 selection and the loss, all on fixed shapes. Backward, with ``p = softmax(l)``, upstream ``dO`` for ``O = p v``,
-``w = dL * scale / (K C)`` (``scale`` = number of ranks for a global search, see :mod:`simplexvq.scale.knn_loss`) and, per
-row, ``c_n`` selected vertices of selected mass ``s_n``, the gradient of the logits is::
+``w = dL * scale / (K C)`` (``scale`` = number of ranks for a global search, see
+:mod:`simplexvq.scale.knn_loss`) and, per row, ``c_n`` selected vertices of selected mass ``s_n``, the gradient
+of the logits is::
 
     ds = p * (dO . v - row + quad * p) + sparse at the selected (row, code) entries
     CE : row = <dO, O> - w c_n,                          quad = 0,       sparse = -w
