@@ -108,7 +108,8 @@ def test_a_fallback_fails_the_check_and_says_why(tmp_path):
 def test_a_small_budget_ends_the_run_early_with_partial_results(tmp_path):
     budget = 30.0
     started = time.monotonic()
-    done = _check(tmp_path, "--skip-tests", "--budget-s", str(budget), timeout=300)
+    # Each measurement waits 4 s first, so the budget cannot hold them all on however fast a machine.
+    done = _check(tmp_path, "--skip-tests", "--budget-s", str(budget), "--simulate-slow-s", "4", timeout=300)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]
     assert elapsed < budget + 25  # the interpreter's start-up and the report on top of the budget

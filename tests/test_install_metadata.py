@@ -97,7 +97,7 @@ def test_every_third_party_import_is_declared_by_its_extra():
 def test_speech_extra_needs_no_torchaudio_and_brings_the_encoder():
     speech = _declared("speech")
     assert "torchaudio" not in speech
-    assert {"transformers", "soxr", "scipy", "soundfile", "editdistance"} <= speech
+    assert {"transformers", "soxr", "soundfile", "editdistance"} <= speech
     assert any(
         line.strip() == "transformers>=4.57" for line in _setup_cfg()["options.extras_require"]["speech"].splitlines()
     )

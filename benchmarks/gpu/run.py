@@ -468,6 +468,7 @@ def worker(spec_path: Path) -> int:
         for task in spec["tasks"]:
             if time.time() > spec["deadline"]:
                 break
+            time.sleep(spec.get("simulate_slow_s", 0.0))  # a slower machine, for the time guard's test
             record = measure(task, device, spec["deadline"])
             output.write(json.dumps(record) + "\n")
             output.flush()
@@ -505,6 +506,7 @@ def run_group(tasks: list[dict], args: argparse.Namespace, budget: Budget, out: 
         "output": str(output),
         "dry_run": args.dry_run,
         "simulate_fallback": args.simulate_fallback,
+        "simulate_slow_s": args.simulate_slow_s,
     }
     spec_path = out / f"worker-{index}.json"
     spec_path.write_text(json.dumps(spec))
@@ -818,6 +820,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wheels", default=str(WHEELS), help="folder of wheels to install offline")
     parser.add_argument(
         "--simulate-fallback", action="store_true", help="make the kernels unimportable (checks the fallback check)"
+    )
+    parser.add_argument(
+        "--simulate-slow-s",
+        type=float,
+        default=0.0,
+        help="sleep this long before each measurement (checks the time guard whatever the machine's speed)",
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -44,6 +44,7 @@ from simplexvq_recipes.speech.downstream.extract_features import (
 from simplexvq_recipes.speech.pretraining.model import build_model, load_pretrained
 from simplexvq_recipes.training.atomic import atomic_write_json
 from simplexvq_recipes.training.cli import run_cli
+from simplexvq_recipes.training.runlog import show_progress_bar
 
 FEATURE_KINDS = ("pretrained", "random", "codes", "logmel")
 HEADS = ("linear", "conv", "bilstm")
@@ -471,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> list[ProbeResult]:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
-        progress_bar=not args.no_progress,
+        progress_bar=show_progress_bar(False if args.no_progress else None),
     )
     results = run_probe(config)
     print(format_table(results))

@@ -48,6 +48,7 @@ from simplexvq_recipes.speech.data.manifest import (
 )
 from simplexvq_recipes.speech.pretraining.model import Wav2Vec2Pretrainer, load_pretrained, resolve_checkpoint
 from simplexvq_recipes.training.atomic import atomic_write_json
+from simplexvq_recipes.training.runlog import show_progress_bar
 
 INDEX_FILE = "index.json"
 FEATURES_DIR = "features"
@@ -240,6 +241,9 @@ def extract(config: ExtractConfig) -> FeatureIndex:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
     if config.threads:
         torch.set_num_threads(config.threads)
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder: name a new or existing output folder")
     manifest = read_manifest(config.manifest)
     check_manifest_audio(manifest, config.on_error, "--on-error skip")
     ids = [utterance_id(entry.path) for entry in manifest.entries]
@@ -323,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> FeatureIndex:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--on-error", choices=ON_ERROR, default="raise", help="unreadable audio: stop or skip")
     parser.add_argument("--overwrite", action="store_true", help="recompute files already in OUT_DIR")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none without a terminal)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1: best on busy CPUs)")
     args = parser.parse_args(argv)
     config = ExtractConfig(
@@ -337,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> FeatureIndex:
         device=args.device,
         on_error=args.on_error,
         overwrite=args.overwrite,
-        progress_bar=not args.no_progress,
+        progress_bar=show_progress_bar(False if args.no_progress else None),
         threads=args.threads,
     )
     try:
