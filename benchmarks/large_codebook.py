@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -30,17 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
 import simplexvq
-from simplexvq.hard import nearest_codes
 from simplexvq_recipes.natural_patches import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
 from simplexvq_recipes.patch_demo import DemoConfig, PatchAutoencoder
 
 RESULTS_FILE = "results.json"
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+RUNNING_FILE = "running.pid"
 
 
 class OverlappingPatches:
@@ -134,7 +136,29 @@ def hard_codes(quantizer: simplexvq.ProductQuantizer, latents: Tensor) -> Tensor
     the argmax of the logits is the nearest code under the quantizer's distance, for every method."""
     config = quantizer.config
     flat = latents.reshape(-1, config.groups, config.group_dim)
-    return nearest_codes(flat, quantizer.codebook(), config.distance).indices
+    codebook = quantizer.codebook()
+    return torch.stack(
+        [nearest_code(flat[:, group], codebook[group], config.distance) for group in range(config.groups)], dim=-1
+    )
+
+
+def nearest_code(rows: Tensor, codes: Tensor, distance: str, block: int = 512) -> Tensor:
+    """Index of the nearest of ``codes`` (M, d) to each of ``rows`` (N, d): the largest cosine, or the smallest
+    squared Euclidean distance (the largest ``2 x.q - |q|^2``). The search runs over blocks of ``block`` codes so
+    that each (N, block) score matrix stays in cache instead of one (N, M) matrix, about 3x faster on a CPU."""
+    if distance == "cosine":
+        rows, codes = F.normalize(rows, dim=-1), F.normalize(codes, dim=-1)
+        offset = codes.new_zeros(len(codes))
+    else:
+        rows, offset = 2 * rows, -codes.pow(2).sum(dim=-1)
+    best = rows.new_full((len(rows),), -math.inf)
+    index = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+    for start in range(0, len(codes), block):
+        values, local = torch.addmm(offset[start : start + block], rows, codes[start : start + block].T).max(dim=-1)
+        better = values > best
+        best = torch.where(better, values, best)
+        index = torch.where(better, local + start, index)
+    return index
 
 
 @torch.no_grad()
@@ -146,7 +170,7 @@ def evaluate(model: PatchAutoencoder, patches: OverlappingPatches, codebook_size
     model.eval()
     meter = simplexvq.CodebookUsageMeter(1, codebook_size)
     squared_error, values, rows = 0.0, 0, 0
-    chunk = max(256, min(8192, (1 << 25) // codebook_size))
+    chunk = 1024
     for batch in patches.chunks(chunk, stride):
         latents = model.encoder(batch)
         indices = hard_codes(model.quantizer, latents)
@@ -178,8 +202,18 @@ def _save_atomic(state: dict, path: Path) -> None:
 
 
 def train(config: RunConfig, output_dir: Path) -> dict[str, Any]:
-    """Train (or resume) one run and write its results; returns them."""
+    """Train (or resume) one run and write its results; returns them. While it runs, ``running.pid`` in
+    ``output_dir`` holds this process's id (the study driver does not start a run that is in progress)."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    marker = output_dir / RUNNING_FILE
+    marker.write_text(f"{os.getpid()}\n")
+    try:
+        return _train(config, output_dir)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _train(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     demo = config.demo_config()
     train_patches = OverlappingPatches(TRAIN_PHOTOS, config.patch_size)

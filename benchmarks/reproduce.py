@@ -201,22 +201,32 @@ def patch_run(
     return Run(key, "patches", overrides, (*base, *labels, ("seed", seed)), priority=priority)
 
 
+def headline_priority(method: str, codebook_size: int) -> int:
+    """Start order of a seed-0 headline run: KNN-CE up to M = 16384, the baselines at M <= 4096, then STE and
+    KNN-CE at the larger sizes, then SimVQ and the dense perplexity loss at M >= 16384, whose steps cost 5-30x
+    KNN-CE's there on a CPU."""
+    if codebook_size <= 4096 or (method == "softmax-knn_ce" and codebook_size <= 16384):
+        return 0 if method == "softmax-knn_ce" else 1
+    if method.startswith("ste-") or method == "softmax-knn_ce":
+        return 2 if codebook_size <= 16384 else 3
+    return 5 if method == "simvq" else 6
+
+
 def large_codebook_runs(settings: Settings) -> list[Run]:
-    """Every method at every M (seed 0 first), then more seeds; the dense perplexity loss and SimVQ, whose steps
-    cost 5-30x KNN-CE's at M >= 16384 on this CPU, come last (the perplexity loss with 20 steps at M = 65536)."""
+    """Every method at every M (seed 0), then more seeds for the methods whose steps are cheap at that M; the
+    perplexity loss gets 20 steps at M = 65536 (its dense (N, M) path takes tens of seconds per step there)."""
     runs = []
-    for m in reversed(PATCH_SIZES):  # the longest runs start first
+    for m in PATCH_SIZES:
         for method in PATCH_METHODS:
-            expensive = m >= 16384 and method in ("softmax-perplexity", "simvq")
             short = m == 65536 and method == "softmax-perplexity"
-            priority = 4 if short else 3 if expensive else 0
+            priority = headline_priority(method, m)
             runs.append(patch_run(settings, method, m, steps=20 if short else None, priority=priority))
     for seed in range(1, settings.seeds):
         for m in PATCH_SIZES:
             for method in PATCH_METHODS:
                 if m >= 16384 and method in ("softmax-perplexity", "simvq"):
                     continue
-                runs.append(patch_run(settings, method, m, seed=seed, priority=1 + seed))
+                runs.append(patch_run(settings, method, m, seed=seed, priority=4))
     return runs
 
 
@@ -227,10 +237,10 @@ def large_codebook_lever_runs(settings: Settings) -> list[Run]:
     seen = rows * steps
     fixed_seen = [("lever", "N at fixed rows seen")]
     runs = [
-        patch_run(settings, "softmax-knn_ce", m, rows=n, steps=seen // n, labels=fixed_seen, priority=int(n != rows))
+        patch_run(settings, "softmax-knn_ce", m, rows=n, steps=seen // n, labels=fixed_seen, priority=2 * (n != rows))
         for n in (rows // 4, rows, rows * 4)
     ]
-    runs.append(patch_run(settings, "softmax-knn_ce", m, knn_k=1, labels=[("lever", "K")], priority=1))
+    runs.append(patch_run(settings, "softmax-knn_ce", m, knn_k=1, labels=[("lever", "K")], priority=4))
     runs.append(
         patch_run(
             settings,
@@ -239,10 +249,10 @@ def large_codebook_lever_runs(settings: Settings) -> list[Run]:
             options=["vertex_subsample=4096"],
             tag="-v4096",
             labels=[("lever", "vertex_subsample=4096")],
-            priority=1,
+            priority=4,
         )
     )
-    runs.append(patch_run(settings, "softmax-knn_ce", m, steps=4 * steps, labels=[("lever", "steps")], priority=2))
+    runs.append(patch_run(settings, "softmax-knn_ce", m, steps=4 * steps, labels=[("lever", "steps")], priority=4))
     return runs
 
 
@@ -364,6 +374,20 @@ CONSOLE_FILE = "console.log"
 """The recipe's printed output (its own messages are also in ``train.log``)."""
 
 
+RUNNING_FILE = "running.pid"
+"""Written by a large-codebook run while it trains (its process id), so that a second driver skips it."""
+
+
+def running_pid(run_dir: Path) -> int | None:
+    """The id of the live process training in ``run_dir`` (its ``running.pid``), or None."""
+    try:
+        pid = int((run_dir / RUNNING_FILE).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 def result_file(run: Run, settings: Settings) -> Path:
     return settings.out / run.key / RESULTS_FILE
 
@@ -373,6 +397,8 @@ def execute(run: Run, settings: Settings) -> dict[str, Any]:
     run_dir = settings.out / run.key
     done = result_file(run, settings)
     if not done.is_file():
+        if (owner := running_pid(run_dir)) is not None:
+            raise RuntimeError(f"run {run.key} is running in process {owner}; not started twice")
         run_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         started = time.perf_counter()

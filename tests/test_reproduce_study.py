@@ -192,10 +192,13 @@ def test_large_codebook_grid_covers_every_size_and_method_with_valid_quantizers(
         assert quantizer.codebook_size == run.label["M"] and quantizer.knn_k == run.label["K"]
         if run.label["method"] == "softmax-knn_ce":
             assert quantizer.memory_efficient and quantizer.backend == "cpu"
-    # the headline KNN-CE row at the largest M runs before every extra seed and lever
+    # KNN-CE up to M = 16384 starts first, and every seed-0 row before any extra seed
     ordered = sorted({run.key: run for run in runs}.values(), key=lambda run: run.priority)
-    first_extra = next(i for i, run in enumerate(ordered) if run.priority > 0)
-    assert any(run.label["M"] == 65536 and run.label["method"] == "softmax-knn_ce" for run in ordered[:first_extra])
+    assert [(run.label["method"], run.label["M"]) for run in ordered[:3]] == [
+        ("softmax-knn_ce", m) for m in (1024, 4096, 16384)
+    ]
+    first_extra_seed = next(i for i, run in enumerate(ordered) if run.label["seed"] > 0)
+    assert all(run.label["seed"] == 0 for run in ordered[:first_extra_seed]) and first_extra_seed >= 10
     command = study.command(runs[0], settings)
     assert command[1] == str(study.LARGE_CODEBOOK_SCRIPT) and f"--output-dir={settings.out / runs[0].key}" in command
 
@@ -270,3 +273,15 @@ def test_a_tiny_patch_run_resumes_exactly_and_the_driver_reports_it(study, patch
     assert (tmp_path / "results" / "large_codebook.png").read_bytes()[:4] == b"\x89PNG"
     study.write_study("large_codebook_levers", runs, outcomes, settings, tmp_path / "results")
     assert (tmp_path / "results" / "large_codebook_levers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclid"])
+def test_blocked_nearest_code_search_matches_the_core_search_across_blocks(patch_script, distance):
+    torch = pytest.importorskip("torch")
+    from simplexvq.hard import nearest_codes
+
+    generator = torch.Generator().manual_seed(1)
+    rows, codes = torch.randn(500, 6, generator=generator), torch.randn(100, 6, generator=generator)
+    expected = nearest_codes(rows[:, None], codes[None], distance).indices[:, 0]
+    for block in (7, 64, 512):  # several blocks with a ragged last one, and a single block
+        assert torch.equal(patch_script.nearest_code(rows, codes, distance, block=block), expected)
