@@ -106,6 +106,8 @@ class RunConfig:
     """Held-out code use on every ``eval_stride``-th patch every ``eval_every`` steps (0: only at the end)."""
     eval_stride: int = 4
     checkpoint_every: int = 50
+    cost_only: bool = False
+    """Measure the step's time and memory only: no held-out evaluation (its metrics are NaN)."""
 
     def demo_config(self) -> DemoConfig:
         spec = simplexvq.QuantizerSpec.from_dict(
@@ -279,7 +281,7 @@ def _train(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             print(json.dumps(row), flush=True)
             meter.reset()
             individual = []
-        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        if config.eval_every and not config.cost_only and (step % config.eval_every == 0 or step == config.steps):
             held_out = evaluate(model, val_patches, config.codebook_size, config.eval_stride)
             history.append({"step": float(step), **{f"val_subset/{k}": float(v) for k, v in held_out.items()}})
             print(json.dumps(history[-1]), flush=True)
@@ -297,7 +299,10 @@ def _train(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             }
             _save_atomic(state, checkpoint)
     step_peak = max(0, peak_rss_bytes() - baseline_rss)
-    final = evaluate(model, val_patches, config.codebook_size)
+    if config.cost_only:
+        final = {"code_use": math.nan, "perplexity": math.nan, "dead_codes": -1, "rmse": math.nan, "rows": 0}
+    else:
+        final = evaluate(model, val_patches, config.codebook_size)
     individual_rows = [row["train/individual_perplexity"] for row in history if "train/individual_perplexity" in row]
     results = {
         **asdict(config),
@@ -345,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cost-only", action="store_true", help="time the steps only, no held-out evaluation")
     parser.add_argument("--option", nargs="*", type=parse_option, default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -361,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         eval_every=args.eval_every,
         eval_stride=args.eval_stride,
         checkpoint_every=args.checkpoint_every,
+        cost_only=args.cost_only,
     )
     try:
         config.demo_config()

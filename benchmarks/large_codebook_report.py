@@ -72,6 +72,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _mean_sd(row: dict[str, Any], metric: str, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    if math.isnan(row[metric]):
+        return "n/a"
     mean = format(scale * row[metric], spec) + suffix
     if len(row["seeds"]) < 2:
         return mean
@@ -197,6 +199,27 @@ def plot_levers(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ratio.set_xscale("log", base=2)
     ratio.set(xlabel="N / (K S): rows per neighbour slot in a step", ylabel="final held-out code use (%)")
     ratio.set_title("final code use against N / (K S)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_step_cost(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """CPU seconds and peak memory of one training step per method and M (grouped bars, log scale)."""
+    fig, (seconds, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sizes = sorted({row["M"] for row in rows})
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    width = 0.8 / max(1, len(methods))
+    for index, method in enumerate(methods):
+        mine = {row["M"]: row for row in rows if row["method"] == method}
+        xs = [position + index * width for position, m in enumerate(sizes) if m in mine]
+        seconds.bar(xs, [mine[m]["cpu_seconds_per_step"] for m in sizes if m in mine], width, label=method)
+        memory.bar(xs, [mine[m]["step_peak_memory_mib"] for m in sizes if m in mine], width, label=method)
+    for axis, label in ((seconds, "CPU seconds per step (1 thread)"), (memory, "peak memory of training (MiB)")):
+        axis.set_xticks([position + 0.4 - width / 2 for position in range(len(sizes))], [f"M={m}" for m in sizes])
+        axis.set(ylabel=label, yscale="log")
+        axis.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -177,6 +177,7 @@ def patch_run(
     tag: str = "",
     labels: Iterable[tuple[str, Any]] = (),
     priority: int = 0,
+    cost: bool = False,
 ) -> Run:
     """One run of :mod:`large_codebook` (patch autoencoder on overlapping photo patches, one codebook of
     ``codebook_size``); KNN-CE runs on the memory-efficient path with the CPU backend."""
@@ -194,6 +195,7 @@ def patch_run(
         f"--eval-every={max(1, steps // 4)}",
         "--eval-stride=8",
         f"--checkpoint-every={max(1, steps // 4)}",
+        *(["--cost-only"] if cost else []),
         *(["--option", *options] if options else []),
     )
     key = f"patches/{method}-m{codebook_size}-n{rows}-s{steps}-k{knn_k}{tag}-seed{seed}"
@@ -254,6 +256,21 @@ def large_codebook_lever_runs(settings: Settings) -> list[Run]:
     )
     runs.append(patch_run(settings, "softmax-knn_ce", m, steps=4 * steps, labels=[("lever", "steps")], priority=4))
     return runs
+
+
+COST_STEPS = 6
+
+
+def large_codebook_cost_runs(settings: Settings) -> list[Run]:
+    """The cost of a training step (CPU and wall seconds, peak memory) of every method at M = 16384 and 65536, with
+    the headline's N, from a few steps without held-out evaluation: what the 200-step runs would cost."""
+    return [
+        patch_run(
+            settings, method, m, steps=COST_STEPS, options=(), tag="-cost", labels=[("lever", "cost only")], cost=True
+        )
+        for m in PATCH_SIZES[2:]
+        for method in PATCH_METHODS
+    ]
 
 
 def study_runs(study: str, settings: Settings) -> list[Run]:
@@ -318,6 +335,8 @@ def study_runs(study: str, settings: Settings) -> list[Run]:
         return large_codebook_runs(settings)
     if study == "large_codebook_levers":
         return large_codebook_lever_runs(settings)
+    if study == "large_codebook_cost":
+        return large_codebook_cost_runs(settings)
     if study == "long":  # does the perplexity loss collapse with 5x the budget? (the paper trains ~30,000x longer)
         steps = 5 * settings.speech_steps
         return [
@@ -339,8 +358,9 @@ STUDIES: tuple[str, ...] = (
     "long",
     "large_codebook",
     "large_codebook_levers",
+    "large_codebook_cost",
 )
-DEFAULT_STUDIES: tuple[str, ...] = STUDIES[:-2]
+DEFAULT_STUDIES: tuple[str, ...] = STUDIES[:-3]
 """``large_codebook*`` (about 2 CPU-hours) run only when named."""
 
 
@@ -708,7 +728,8 @@ def write_patch_study(
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{study}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (results_dir / f"{study}.md").write_text(f"## Study `{study}`\n\n{table}")
-    plot = report.plot_code_use_vs_m if study == "large_codebook" else report.plot_levers
+    plots = {"large_codebook": report.plot_code_use_vs_m, "large_codebook_cost": report.plot_step_cost}
+    plot = plots.get(study, report.plot_levers)
     plot(rows, results_dir / f"{study}.png")
     return table
 
@@ -736,11 +757,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     corpus = args.corpus
-    if (
-        corpus is None
-        and not args.dry_run
-        and set(args.studies) - {"vision", "large_codebook", "large_codebook_levers"}
-    ):
+    if corpus is None and not args.dry_run and set(args.studies) - {"vision", *STUDIES[-3:]}:
         from simplexvq_recipes.speech.data.prepare_fillets import default_cache_dir
         from simplexvq_recipes.speech.demo import ensure_corpus
 

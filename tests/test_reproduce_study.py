@@ -285,3 +285,27 @@ def test_blocked_nearest_code_search_matches_the_core_search_across_blocks(patch
     expected = nearest_codes(rows[:, None], codes[None], distance).indices[:, 0]
     for block in (7, 64, 512):  # several blocks with a ragged last one, and a single block
         assert torch.equal(patch_script.nearest_code(rows, codes, distance, block=block), expected)
+
+
+def test_a_cost_only_run_times_steps_without_held_out_metrics(study, patch_script, tmp_path, monkeypatch):
+    monkeypatch.setattr(patch_script, "TRAIN_PHOTOS", ("coins",))
+    monkeypatch.setattr(patch_script, "VAL_PHOTOS", ("camera",))
+    config = patch_script.RunConfig(
+        method="ste-cosine", codebook_size=16, rows=32, steps=2, patch_size=4, eval_every=1, cost_only=True
+    )
+    results = patch_script.train(config, tmp_path / "run")
+    assert math.isnan(results["val_code_use"]) and results["val_rows"] == 0 and results["cpu_seconds_per_step"] > 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert not any("val_subset/code_use" in row for row in history)
+    assert not (tmp_path / "run" / "running.pid").exists()  # removed when the run ends
+    settings = study.Settings(corpus=tmp_path, out=tmp_path / "runs")
+    costs = study.study_runs("large_codebook_cost", settings)
+    assert {(run.label["method"], run.label["M"]) for run in costs} == {
+        (method, m) for method in study.PATCH_METHODS for m in (16384, 65536)
+    }
+    assert all("--cost-only" in run.overrides for run in costs)
+    labels = {"method": "ste-cosine", "M": 16, "N": 32, "K": 2, "steps": 2, "seed": 0}
+    run = study.Run("patches/cost", "patches", (), tuple(labels.items()))
+    outcome = {"results": results, "history": history, "wall_seconds": 1.0}
+    table = study.write_study("large_codebook_cost", [run], {run.key: outcome}, settings, tmp_path / "results")
+    assert "| n/a |" in table and (tmp_path / "results" / "large_codebook_cost.png").is_file()
