@@ -182,7 +182,7 @@ def evaluate(model: PatchAutoencoder, patches: OverlappingPatches, codebook_size
             if agree < 0.99:  # ties may differ in the last bits; a wrong distance would not
                 raise RuntimeError(f"hard_codes agrees with the quantizer's eval forward on only {agree:.1%} of rows")
         reconstruction = model.decoder(model.quantizer.decode(indices))
-        meter.update(indices.reshape(len(batch), 1, 1))
+        meter.update(indices.reshape(1, -1, 1))  # one "sample": no (rows, M) per-sample histogram
         squared_error += (reconstruction - batch).pow(2).sum().item()
         values += batch.numel()
         rows += len(batch)
@@ -262,7 +262,7 @@ def _train(config: RunConfig, output_dir: Path) -> dict[str, Any]:
         step_seconds.append(time.perf_counter() - started)
         step_cpu_seconds.append(time.process_time() - cpu_started)
         step += 1
-        meter.update(quantized.indices.reshape(len(batch), 1, 1))
+        meter.update(quantized.indices.reshape(1, -1, 1))  # one "sample": no (rows, M) histogram
         if "individual_perplexity" in quantized.stats:
             individual.append(quantized.stats["individual_perplexity"].mean().item())
         if step % config.log_every == 0 or step == config.steps:

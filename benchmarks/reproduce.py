@@ -207,28 +207,36 @@ def headline_priority(method: str, codebook_size: int) -> int:
     """Start order of a seed-0 headline run: KNN-CE up to M = 16384, the baselines at M <= 4096, then STE and
     KNN-CE at the larger sizes, then SimVQ and the dense perplexity loss at M >= 16384, whose steps cost 5-30x
     KNN-CE's there on a CPU."""
-    if codebook_size <= 4096 or (method == "softmax-knn_ce" and codebook_size <= 16384):
-        return 0 if method == "softmax-knn_ce" else 1
-    if method.startswith("ste-") or method == "softmax-knn_ce":
+    if method == "softmax-knn_ce":
+        return 0
+    if codebook_size <= 4096:
+        return 1
+    if method.startswith("ste-"):
         return 2 if codebook_size <= 16384 else 3
     return 5 if method == "simvq" else 6
 
 
+def largest_m_steps(settings: Settings, method: str) -> int:
+    """Steps at M = 65536: half the budget (a KNN-CE step costs ~6 CPU seconds there), 20 for the dense perplexity
+    loss (tens of seconds and gigabytes per step)."""
+    return 20 if method == "softmax-perplexity" else settings.patch_steps // 2
+
+
 def large_codebook_runs(settings: Settings) -> list[Run]:
-    """Every method at every M (seed 0), then more seeds for the methods whose steps are cheap at that M; the
-    perplexity loss gets 20 steps at M = 65536 (its dense (N, M) path takes tens of seconds per step there)."""
+    """Every method at every M (seed 0; fewer steps at M = 65536, :func:`largest_m_steps`), then more seeds for the
+    methods whose steps are cheap at that M."""
     runs = []
     for m in PATCH_SIZES:
         for method in PATCH_METHODS:
-            short = m == 65536 and method == "softmax-perplexity"
-            priority = headline_priority(method, m)
-            runs.append(patch_run(settings, method, m, steps=20 if short else None, priority=priority))
+            steps = largest_m_steps(settings, method) if m == PATCH_SIZES[-1] else None
+            runs.append(patch_run(settings, method, m, steps=steps, priority=headline_priority(method, m)))
     for seed in range(1, settings.seeds):
         for m in PATCH_SIZES:
             for method in PATCH_METHODS:
                 if m >= 16384 and method in ("softmax-perplexity", "simvq"):
                     continue
-                runs.append(patch_run(settings, method, m, seed=seed, priority=4))
+                steps = largest_m_steps(settings, method) if m == PATCH_SIZES[-1] else None
+                runs.append(patch_run(settings, method, m, steps=steps, seed=seed, priority=4))
     return runs
 
 
