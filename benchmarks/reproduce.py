@@ -44,6 +44,9 @@ from simplexvq_recipes.patch_demo import TABLE1_METHODS  # noqa: E402
 from simplexvq_recipes.training.loop import RESULTS_FILE  # noqa: E402
 from simplexvq_recipes.training.tracking import HISTORY_FILE  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the large-codebook report module beside this file
+import large_codebook_report  # noqa: E402
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results" / "study"
@@ -64,6 +67,14 @@ SPEECH_BATCH = 24
 as in the paper (its N per GPU is about 12,000)."""
 VISION_STEPS = 300
 
+PATCH_SIZES: tuple[int, ...] = (1024, 4096, 16384, 65536)
+PATCH_METHODS: tuple[str, ...] = ("softmax-knn_ce", "ste-cosine", "softmax-perplexity", "simvq")
+PATCH_ROWS = 2048
+"""Rows (8 x 8 patches) per step of the large-codebook study: N = K M at M = 1024, N = K M / 64 at M = 65536."""
+PATCH_STEPS = 200
+PATCH_LEVER_M = 16384
+LARGE_CODEBOOK_SCRIPT = BENCH_DIR / "large_codebook.py"
+
 
 @dataclass(frozen=True)
 class Run:
@@ -74,6 +85,8 @@ class Run:
     overrides: tuple[str, ...]
     labels: tuple[tuple[str, Any], ...]
     processes: int = 1
+    priority: int = 0
+    """Runs start in order of priority (lowest first), so that a study cut short by its budget has its headline."""
 
     @property
     def label(self) -> dict[str, Any]:
@@ -88,6 +101,9 @@ class Settings:
     vision_steps: int = VISION_STEPS
     methods: tuple[str, ...] = TABLE_METHODS
     with_64k: bool = False
+    patch_rows: int = PATCH_ROWS
+    patch_steps: int = PATCH_STEPS
+    seeds: int = 3
     extra: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -148,6 +164,123 @@ def vision_run(settings: Settings, method: str) -> Run:
     return Run(f"vision/{method}", "vision", overrides, (("method", method),))
 
 
+def patch_run(
+    settings: Settings,
+    method: str,
+    codebook_size: int,
+    *,
+    rows: int | None = None,
+    steps: int | None = None,
+    knn_k: int = 2,
+    seed: int = 0,
+    options: Sequence[str] = (),
+    tag: str = "",
+    labels: Iterable[tuple[str, Any]] = (),
+    priority: int = 0,
+    cost: bool = False,
+) -> Run:
+    """One run of :mod:`large_codebook` (patch autoencoder on overlapping photo patches, one codebook of
+    ``codebook_size``); KNN-CE runs on the memory-efficient path with the CPU backend."""
+    rows = rows or settings.patch_rows
+    steps = steps or settings.patch_steps
+    if method == "softmax-knn_ce":
+        options = ("memory_efficient=true", "backend=cpu", *options)
+    overrides = (
+        f"--method={method}",
+        f"--codebook-size={codebook_size}",
+        f"--rows={rows}",
+        f"--steps={steps}",
+        f"--knn-k={knn_k}",
+        f"--seed={seed}",
+        f"--eval-every={max(1, steps // 4)}",
+        "--eval-stride=8",
+        f"--checkpoint-every={max(1, steps // 4)}",
+        *(["--cost-only"] if cost else []),
+        *(["--option", *options] if options else []),
+    )
+    key = f"patches/{method}-m{codebook_size}-n{rows}-s{steps}-k{knn_k}{tag}-seed{seed}"
+    base = (("method", method), ("M", codebook_size), ("N", rows), ("K", knn_k), ("steps", steps))
+    return Run(key, "patches", overrides, (*base, *labels, ("seed", seed)), priority=priority)
+
+
+def headline_priority(method: str, codebook_size: int) -> int:
+    """Start order of a seed-0 headline run: KNN-CE up to M = 16384, the baselines at M <= 4096, then STE and
+    KNN-CE at the larger sizes, then SimVQ and the dense perplexity loss at M >= 16384, whose steps cost 5-30x
+    KNN-CE's there on a CPU."""
+    if method == "softmax-knn_ce":
+        return 0
+    if codebook_size <= 4096:
+        return 1
+    if method.startswith("ste-"):
+        return 2 if codebook_size <= 16384 else 3
+    return 5 if method == "simvq" else 6
+
+
+def largest_m_steps(settings: Settings, method: str) -> int:
+    """Steps at M = 65536: half the budget (a KNN-CE step costs ~6 CPU seconds there), 20 for the dense perplexity
+    loss (tens of seconds and gigabytes per step)."""
+    return 20 if method == "softmax-perplexity" else settings.patch_steps // 2
+
+
+def large_codebook_runs(settings: Settings) -> list[Run]:
+    """Every method at every M (seed 0; fewer steps at M = 65536, :func:`largest_m_steps`), then more seeds for the
+    methods whose steps are cheap at that M."""
+    runs = []
+    for m in PATCH_SIZES:
+        for method in PATCH_METHODS:
+            steps = largest_m_steps(settings, method) if m == PATCH_SIZES[-1] else None
+            runs.append(patch_run(settings, method, m, steps=steps, priority=headline_priority(method, m)))
+    for seed in range(1, settings.seeds):
+        for m in PATCH_SIZES:
+            for method in PATCH_METHODS:
+                if m >= 16384 and method in ("softmax-perplexity", "simvq"):
+                    continue
+                steps = largest_m_steps(settings, method) if m == PATCH_SIZES[-1] else None
+                runs.append(patch_run(settings, method, m, steps=steps, seed=seed, priority=4))
+    return runs
+
+
+def large_codebook_lever_runs(settings: Settings) -> list[Run]:
+    """KNN-CE at M = 16384 with N < K M: the same rows seen split into fewer larger steps or more smaller ones
+    (N/(K M) from 1/64 to 1/4), four times the steps, K = 1, and 4096 of the 16384 vertices per step."""
+    m, rows, steps = PATCH_LEVER_M, settings.patch_rows, settings.patch_steps
+    seen = rows * steps
+    fixed_seen = [("lever", "N at fixed rows seen")]
+    runs = [
+        patch_run(settings, "softmax-knn_ce", m, rows=n, steps=seen // n, labels=fixed_seen, priority=2 * (n != rows))
+        for n in (rows // 4, rows, rows * 4)
+    ]
+    runs.append(patch_run(settings, "softmax-knn_ce", m, knn_k=1, labels=[("lever", "K")], priority=4))
+    runs.append(
+        patch_run(
+            settings,
+            "softmax-knn_ce",
+            m,
+            options=["vertex_subsample=4096"],
+            tag="-v4096",
+            labels=[("lever", "vertex_subsample=4096")],
+            priority=4,
+        )
+    )
+    runs.append(patch_run(settings, "softmax-knn_ce", m, steps=4 * steps, labels=[("lever", "steps")], priority=4))
+    return runs
+
+
+COST_STEPS = 6
+
+
+def large_codebook_cost_runs(settings: Settings) -> list[Run]:
+    """The cost of a training step (CPU and wall seconds, peak memory) of every method at M = 16384 and 65536, with
+    the headline's N, from a few steps without held-out evaluation: what the 200-step runs would cost."""
+    return [
+        patch_run(
+            settings, method, m, steps=COST_STEPS, options=(), tag="-cost", labels=[("lever", "cost only")], cost=True
+        )
+        for m in PATCH_SIZES[2:]
+        for method in PATCH_METHODS
+    ]
+
+
 def study_runs(study: str, settings: Settings) -> list[Run]:
     """The runs of one study, in table order."""
     methods = settings.methods
@@ -206,6 +339,12 @@ def study_runs(study: str, settings: Settings) -> list[Run]:
                 tag = "" if tau == 1.0 else f"-tau{tau:g}"
                 runs.append(speech_run(settings, method, extra=extra, tag=tag, labels=[("tau", tau)]))
         return runs
+    if study == "large_codebook":
+        return large_codebook_runs(settings)
+    if study == "large_codebook_levers":
+        return large_codebook_lever_runs(settings)
+    if study == "large_codebook_cost":
+        return large_codebook_cost_runs(settings)
     if study == "long":  # does the perplexity loss collapse with 5x the budget? (the paper trains ~30,000x longer)
         steps = 5 * settings.speech_steps
         return [
@@ -215,11 +354,28 @@ def study_runs(study: str, settings: Settings) -> list[Run]:
     raise ValueError(f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
 
 
-STUDIES: tuple[str, ...] = ("speech", "vision", "k", "batch", "codebook", "scope", "subsample", "gumbel", "long")
+STUDIES: tuple[str, ...] = (
+    "speech",
+    "vision",
+    "k",
+    "batch",
+    "codebook",
+    "scope",
+    "subsample",
+    "gumbel",
+    "long",
+    "large_codebook",
+    "large_codebook_levers",
+    "large_codebook_cost",
+)
+DEFAULT_STUDIES: tuple[str, ...] = STUDIES[:-3]
+"""``large_codebook*`` (about 2 CPU-hours) run only when named."""
 
 
 def command(run: Run, settings: Settings) -> list[str]:
     run_dir = settings.out / run.key
+    if run.recipe == "patches":
+        return [sys.executable, str(LARGE_CODEBOOK_SCRIPT), f"--output-dir={run_dir}", *run.overrides]
     if run.recipe == "speech":
         recipe = [
             "-m",
@@ -246,6 +402,20 @@ CONSOLE_FILE = "console.log"
 """The recipe's printed output (its own messages are also in ``train.log``)."""
 
 
+RUNNING_FILE = "running.pid"
+"""Written by a large-codebook run while it trains (its process id), so that a second driver skips it."""
+
+
+def running_pid(run_dir: Path) -> int | None:
+    """The id of the live process training in ``run_dir`` (its ``running.pid``), or None."""
+    try:
+        pid = int((run_dir / RUNNING_FILE).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 def result_file(run: Run, settings: Settings) -> Path:
     return settings.out / run.key / RESULTS_FILE
 
@@ -255,6 +425,8 @@ def execute(run: Run, settings: Settings) -> dict[str, Any]:
     run_dir = settings.out / run.key
     done = result_file(run, settings)
     if not done.is_file():
+        if (owner := running_pid(run_dir)) is not None:
+            raise RuntimeError(f"run {run.key} is running in process {owner}; not started twice")
         run_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         started = time.perf_counter()
@@ -287,7 +459,7 @@ def execute_all(runs: Sequence[Run], settings: Settings, parallel: int) -> dict[
     """Single-process runs ``parallel`` at a time, then multi-process runs one at a time (they use every core).
 
     Returns the outcome of every run that finished; failed runs are reported on stderr and left out."""
-    unique = list({run.key: run for run in runs}.values())
+    unique = sorted({run.key: run for run in runs}.values(), key=lambda run: run.priority)
     single = [run for run in unique if run.processes == 1]
     multi = [run for run in unique if run.processes > 1]
     outcomes: dict[str, dict[str, Any] | None] = {}
@@ -516,6 +688,8 @@ def write_study(
     if not runs:
         return "(no finished runs)\n"
     recipe = runs[0].recipe
+    if recipe == "patches":
+        return write_patch_study(study, runs, outcomes, settings, results_dir)
     rows = [(speech_row if recipe == "speech" else vision_row)(run, outcomes[run.key]) for run in runs]
     table = markdown_table(rows, recipe)
     payload = {
@@ -533,9 +707,46 @@ def write_study(
     return table
 
 
+def write_patch_study(
+    study: str, runs: Sequence[Run], outcomes: dict[str, dict[str, Any]], settings: Settings, results_dir: Path
+) -> str:
+    """The large-codebook studies: one row per setting (mean and spread over seeds), sorted by method and M for
+    ``large_codebook``; plots of code use against M or, for the levers, over rows seen."""
+    report = large_codebook_report
+    single = [report.patch_row(run.label, outcomes[run.key]["results"], outcomes[run.key]["history"]) for run in runs]
+    rows = report.aggregate(single)
+    if study == "large_codebook":
+        order = {method: index for index, method in enumerate(PATCH_METHODS)}
+        rows.sort(key=lambda row: (order.get(row["method"], len(order)), row["M"]))
+    table = report.markdown_table(rows)
+    wall = [outcomes[run.key]["wall_seconds"] for run in runs]
+    payload = {
+        "study": study,
+        "recipe": "patches",
+        "rows": rows,
+        "runs": single,
+        "commands": [" ".join(command(run, settings)) for run in runs],
+        "hardware": hardware(),
+        "total_wall_minutes": sum(w for w in wall if math.isfinite(w)) / 60,
+        "total_train_cpu_minutes": sum(
+            outcomes[run.key]["results"]["cpu_seconds_per_step"] * outcomes[run.key]["results"]["step"] for run in runs
+        )
+        / 60,
+    }
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{study}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (results_dir / f"{study}.md").write_text(f"## Study `{study}`\n\n{table}")
+    plots = {"large_codebook": report.plot_code_use_vs_m, "large_codebook_cost": report.plot_step_cost}
+    plot = plots.get(study, report.plot_levers)
+    plot(rows, results_dir / f"{study}.png")
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--studies", nargs="+", default=list(STUDIES), choices=STUDIES)
+    parser.add_argument(
+        "--studies", nargs="+", default=list(DEFAULT_STUDIES), choices=STUDIES, help="default: all but large_codebook*"
+    )
     parser.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), help="rows of the speech/vision tables")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="run folders")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="tables and plots")
@@ -544,6 +755,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--speech-steps", type=int, default=SPEECH_STEPS)
     parser.add_argument("--vision-steps", type=int, default=VISION_STEPS)
     parser.add_argument("--with-64k", action="store_true", help="add M = 65536 to the codebook study (slow on CPU)")
+    parser.add_argument("--patch-rows", type=int, default=PATCH_ROWS, help="rows per step of large_codebook runs")
+    parser.add_argument("--patch-steps", type=int, default=PATCH_STEPS, help="steps of large_codebook runs")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the large_codebook headline rows")
     parser.add_argument("--speech-override", action="append", default=[], help="extra key=value for speech runs")
     parser.add_argument("--vision-override", action="append", default=[], help="extra key=value for vision runs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
@@ -551,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     corpus = args.corpus
-    if corpus is None and not args.dry_run and set(args.studies) - {"vision"}:
+    if corpus is None and not args.dry_run and set(args.studies) - {"vision", *STUDIES[-3:]}:
         from simplexvq_recipes.speech.data.prepare_fillets import default_cache_dir
         from simplexvq_recipes.speech.demo import ensure_corpus
 
@@ -563,6 +777,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         vision_steps=args.vision_steps,
         methods=tuple(args.methods),
         with_64k=args.with_64k,
+        patch_rows=args.patch_rows,
+        patch_steps=args.patch_steps,
+        seeds=args.seeds,
         extra={"speech": args.speech_override, "vision": args.vision_override},
     )
     plan = {study: study_runs(study, settings) for study in args.studies}

@@ -50,7 +50,9 @@ def _speech_config(run) -> PretrainConfig:
 
 
 def test_every_speech_run_is_a_valid_recipe_configuration_with_the_intended_setting(study, settings):
-    runs = {name: study.study_runs(name, settings) for name in study.STUDIES if name != "vision"}
+    speech = [name for name in study.STUDIES if study.study_runs(name, settings)[0].recipe == "speech"]
+    assert "codebook" in speech and "vision" not in speech and "large_codebook" not in speech
+    runs = {name: study.study_runs(name, settings) for name in speech}
     for study_runs in runs.values():
         for run in study_runs:
             config = _speech_config(run)
@@ -150,3 +152,160 @@ def test_a_hard_method_reports_individual_perplexity_one(study, settings):
     assert math.isclose(row["val_code_use"][0], 0.25) and row["wall_seconds"] == 90.0
     outcome["wall_seconds"] = math.nan  # the driver did not see this run end: the training loop's own time
     assert study.speech_row(run, outcome)["wall_seconds"] == 80.0
+
+
+# ------------------------------------------------------------------------------------------ large-codebook study
+
+
+@pytest.fixture(scope="module")
+def patch_script():
+    spec = importlib.util.spec_from_file_location("large_codebook", REPO / "benchmarks" / "large_codebook.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["large_codebook"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_large_codebook_grid_covers_every_size_and_method_with_valid_quantizers(study, settings, patch_script):
+    runs = study.study_runs("large_codebook", settings)
+    seed0 = {(run.label["method"], run.label["M"]) for run in runs if run.label["seed"] == 0}
+    assert seed0 == {(method, m) for method in study.PATCH_METHODS for m in (1024, 4096, 16384, 65536)}
+    assert {run.label["seed"] for run in runs if run.label["method"] == "softmax-knn_ce"} == {0, 1, 2}
+    for run in runs + study.study_runs("large_codebook_levers", settings):
+        args = dict(
+            arg.removeprefix("--").split("=", 1) for arg in run.overrides if arg.startswith("--") and "=" in arg
+        )
+        options = (
+            dict(o.split("=", 1) for o in run.overrides[run.overrides.index("--option") + 1 :])
+            if ("--option" in run.overrides)
+            else {}
+        )
+        config = patch_script.RunConfig(
+            method=args["method"],
+            codebook_size=int(args["codebook-size"]),
+            rows=int(args["rows"]),
+            steps=int(args["steps"]),
+            knn_k=int(args["knn-k"]),
+            options={k: patch_script.parse_option(f"{k}={v}")[1] for k, v in options.items()},
+        )
+        quantizer = config.demo_config().quantizer  # the core accepts it
+        assert quantizer.codebook_size == run.label["M"] and quantizer.knn_k == run.label["K"]
+        if run.label["method"] == "softmax-knn_ce":
+            assert quantizer.memory_efficient and quantizer.backend == "cpu"
+    # KNN-CE up to M = 16384 starts first, and every seed-0 row before any extra seed
+    ordered = sorted({run.key: run for run in runs}.values(), key=lambda run: run.priority)
+    assert [(run.label["method"], run.label["M"]) for run in ordered[:3]] == [
+        ("softmax-knn_ce", m) for m in (1024, 4096, 16384)
+    ]
+    first_extra_seed = next(i for i, run in enumerate(ordered) if run.label["seed"] > 0)
+    assert all(run.label["seed"] == 0 for run in ordered[:first_extra_seed]) and first_extra_seed >= 10
+    command = study.command(runs[0], settings)
+    assert command[1] == str(study.LARGE_CODEBOOK_SCRIPT) and f"--output-dir={settings.out / runs[0].key}" in command
+
+
+def test_levers_span_n_over_k_m_at_fixed_rows_seen(study, settings):
+    levers = study.study_runs("large_codebook_levers", settings)
+    fixed = [run for run in levers if run.label.get("lever") == "N at fixed rows seen"]
+    assert len({run.label["N"] * run.label["steps"] for run in fixed}) == 1
+    ratios = sorted(run.label["N"] / (run.label["K"] * run.label["M"]) for run in fixed)
+    assert ratios[0] < ratios[-1] <= 1 and len(ratios) == 3
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("softmax-knn_ce", {"memory_efficient": True}), ("softmax-perplexity", {}), ("ste-cosine", {}), ("simvq", {})],
+)
+def test_held_out_fast_codes_match_the_quantizers_eval_forward(patch_script, method, options):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = patch_script.RunConfig(method=method, codebook_size=64, rows=32, steps=1, options=options)
+    model = patch_script.PatchAutoencoder(12, config.demo_config()).eval()
+    with torch.no_grad():
+        latents = torch.randn(300, config.latent_dim)
+        reference = model.quantizer(latents)
+        indices = patch_script.hard_codes(model.quantizer, latents)
+        assert torch.equal(indices, reference.indices)
+        torch.testing.assert_close(model.quantizer.decode(indices), reference.quantized)
+
+
+def test_a_tiny_patch_run_resumes_exactly_and_the_driver_reports_it(study, patch_script, tmp_path, monkeypatch):
+    monkeypatch.setattr(patch_script, "TRAIN_PHOTOS", ("coins",))
+    monkeypatch.setattr(patch_script, "VAL_PHOTOS", ("camera",))
+    config = patch_script.RunConfig(
+        method="softmax-knn_ce",
+        codebook_size=32,
+        rows=48,
+        steps=4,
+        patch_size=4,
+        options={"memory_efficient": True, "backend": "cpu"},
+        log_every=2,
+        eval_every=2,
+        eval_stride=64,
+        checkpoint_every=2,
+    )
+    first = patch_script.train(config, tmp_path / "run")
+    assert first["val_rows"] == (512 - 3) ** 2 and first["step"] == 4 and 0 < first["val_code_use"] <= 1
+    assert first["rows_per_step_over_km"] == 48 / 64 and first["cpu_seconds_per_step"] > 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [row["step"] for row in history if "val_subset/code_use" in row] == [2.0, 4.0]
+    # the step-2 checkpoint remains: a second call resumes there and must end exactly where the first did
+    again = patch_script.train(config, tmp_path / "run")
+    for key in ("val_code_use", "val_perplexity", "val_rmse", "train_individual_perplexity"):
+        assert again[key] == first[key], key
+    with pytest.raises(ValueError, match="other settings"):
+        patch_script.train(dataclasses.replace(config, rows=40), tmp_path / "run")
+
+    # the driver's table and plot from two seeds of one setting: mean and spread
+    labels = {"method": "softmax-knn_ce", "M": 32, "N": 48, "K": 2, "steps": 4}
+    outcome = {"results": first, "history": history, "wall_seconds": 3.0}
+    other = {**first, "val_code_use": first["val_code_use"] / 2}
+    runs = [study.Run(f"patches/a{seed}", "patches", (), tuple({**labels, "seed": seed}.items())) for seed in (0, 1)]
+    outcomes = {runs[0].key: outcome, runs[1].key: {**outcome, "results": other}}
+    settings = study.Settings(corpus=tmp_path, out=tmp_path / "runs")
+    table = study.write_study("large_codebook", runs, outcomes, settings, tmp_path / "results")
+    lines = table.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| method | M | N (rows/step) | K | N / (K M) |")
+    mean = 100 * 0.75 * first["val_code_use"]
+    assert f"| {mean:.1f}% ± " in lines[2] and "| 0.75 |" in lines[2] and "| 2 |" in lines[2]
+    payload = json.loads((tmp_path / "results" / "large_codebook.json").read_text())
+    assert payload["rows"][0]["seeds"] == [0, 1] and len(payload["runs"]) == 2
+    assert math.isclose(payload["rows"][0]["val_code_use"], 0.75 * first["val_code_use"])
+    assert (tmp_path / "results" / "large_codebook.png").read_bytes()[:4] == b"\x89PNG"
+    study.write_study("large_codebook_levers", runs, outcomes, settings, tmp_path / "results")
+    assert (tmp_path / "results" / "large_codebook_levers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclid"])
+def test_blocked_nearest_code_search_matches_the_core_search_across_blocks(patch_script, distance):
+    torch = pytest.importorskip("torch")
+    from simplexvq.hard import nearest_codes
+
+    generator = torch.Generator().manual_seed(1)
+    rows, codes = torch.randn(500, 6, generator=generator), torch.randn(100, 6, generator=generator)
+    expected = nearest_codes(rows[:, None], codes[None], distance).indices[:, 0]
+    for block in (7, 64, 512):  # several blocks with a ragged last one, and a single block
+        assert torch.equal(patch_script.nearest_code(rows, codes, distance, block=block), expected)
+
+
+def test_a_cost_only_run_times_steps_without_held_out_metrics(study, patch_script, tmp_path, monkeypatch):
+    monkeypatch.setattr(patch_script, "TRAIN_PHOTOS", ("coins",))
+    monkeypatch.setattr(patch_script, "VAL_PHOTOS", ("camera",))
+    config = patch_script.RunConfig(
+        method="ste-cosine", codebook_size=16, rows=32, steps=2, patch_size=4, eval_every=1, cost_only=True
+    )
+    results = patch_script.train(config, tmp_path / "run")
+    assert math.isnan(results["val_code_use"]) and results["val_rows"] == 0 and results["cpu_seconds_per_step"] > 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert not any("val_subset/code_use" in row for row in history)
+    assert not (tmp_path / "run" / "running.pid").exists()  # removed when the run ends
+    settings = study.Settings(corpus=tmp_path, out=tmp_path / "runs")
+    costs = study.study_runs("large_codebook_cost", settings)
+    assert {(run.label["method"], run.label["M"]) for run in costs} == {
+        (method, m) for method in study.PATCH_METHODS for m in (16384, 65536)
+    }
+    assert all("--cost-only" in run.overrides for run in costs)
+    labels = {"method": "ste-cosine", "M": 16, "N": 32, "K": 2, "steps": 2, "seed": 0}
+    run = study.Run("patches/cost", "patches", (), tuple(labels.items()))
+    outcome = {"results": results, "history": history, "wall_seconds": 1.0}
+    table = study.write_study("large_codebook_cost", [run], {run.key: outcome}, settings, tmp_path / "results")
+    assert "| n/a |" in table and (tmp_path / "results" / "large_codebook_cost.png").is_file()
