@@ -206,7 +206,8 @@ class Wav2Vec2Pretrainer(nn.Module):
         and the ``state_dict`` are unchanged."""
         encoder = self.wav2vec2
         enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # positional: the keyword is gradient_checkpointing_kwargs in 4.x, activation_checkpointing_kwargs in 5.x
+        enable({"use_reentrant": False})
 
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         """Unpadded CNN frames of waveforms of ``lengths`` samples."""
