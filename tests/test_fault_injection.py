@@ -615,3 +615,18 @@ def test_vision_evaluate_faults_are_one_line(world, tmp_path, vision_run, speech
         warnings.simplefilter("ignore", RuntimeWarning)
         outcome = cli(VISION_EVALUATE, "--run-dir", run, "--output-dir", tmp_path / "eval", *FAST_EVAL)
     assert_one_line_error(outcome)
+
+
+def test_a_checkpoint_copied_out_of_its_run_loads_with_its_own_config(tmp_path, speech_run):
+    """A ``step_*`` folder outside its run (copied away, or set aside under ``checkpoints/abandoned-*``) describes
+    itself: ``load_pretrained`` reads the config it carries, not a neighbouring folder's."""
+    from simplexvq_recipes.speech.pretraining.model import load_pretrained
+
+    source = speech_run / "checkpoints" / "step_00000002"
+    elsewhere = tmp_path / "archive" / "old" / "step_00000002"
+    shutil.copytree(source, elsewhere)
+    (tmp_path / "archive" / "config.yaml").write_text("data: {image_size: 64}\n")  # a stranger's config nearby
+    model, config = load_pretrained(elsewhere)
+    _, expected = load_pretrained(source)
+    assert config == expected
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -1,9 +1,10 @@
 """The KNN regularizer (eq. 13) at scale, under its original module path: re-exports of :mod:`simplexvq.scale`
 for users' code; nothing in the library imports this module.
 
-:func:`knn_loss_scaled` is :func:`simplexvq.functional.knn_loss` with ``scope="global"``, ``chunk_size`` or
-``vertices``. The streamed top-K lives in :mod:`simplexvq.scale.topk`, the selection across ranks (and how the
-value and the gradient are reconciled with DDP's averaging) in :mod:`simplexvq.scale.distributed`.
+:func:`knn_loss_scaled` is the at-scale form of the dense :func:`simplexvq.functional.knn_loss` (neighbours across
+ranks, a streamed top-K, vertex subsets). The streamed top-K lives in :mod:`simplexvq.scale.topk`, the selection
+across ranks (and how the value and the gradient are reconciled with DDP's averaging) in
+:mod:`simplexvq.scale.distributed`.
 """
 
 from simplexvq.scale.backends.candidates import score_candidates

@@ -79,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("overrides", nargs="*", help="key=value changes to the run's config.yaml")
     args = parser.parse_args(argv)
 
-    config_file = args.run_dir / "config.yaml"
+    # the config a chosen checkpoint carries (it may come from another run); else the run folder's
+    own_config = args.checkpoint / "config.yaml" if args.checkpoint else None
+    config_file = own_config if own_config is not None and own_config.is_file() else args.run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: --run-dir must be the output_dir of a training run")
     config = load_config(VisionRecipeConfig, config_file, args.overrides)

@@ -106,14 +106,15 @@ DOT_PRECISIONS = ("ieee", "tf32")
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of the kernels' ``tl.dot`` for inputs of ``dtype``, by PyTorch's switch for float32
-    matrix products, read on the host at each launch: ``torch.set_float32_matmul_precision("highest")`` (the
-    default) gives exact IEEE float32 products, ``"high"`` and ``"medium"`` TF32 tensor-core products (``"medium"``
-    would allow bfloat16 products, which Triton's ``tl.dot`` does not offer for float32 operands: TF32 is the
-    nearest). The switch is read as ``torch.backends.cuda.matmul.allow_tf32``, which that call sets (and which
-    users may set directly); unlike :func:`torch.get_float32_matmul_precision` it is traceable by
-    ``torch.compile``, which recompiles when it changes. Float16 / bfloat16 operands multiply on tensor cores
-    whatever the switch, and float64 takes elementwise products: both report ``"ieee"``, which leaves their code
-    unchanged. The value is a ``tl.constexpr`` of every kernel, so each precision is its own compiled variant."""
+    matrix products, read on the host in the forward (the backward reuses it):
+    ``torch.set_float32_matmul_precision("highest")`` (the default) gives exact IEEE float32 products,
+    ``"high"`` and ``"medium"`` TF32 tensor-core products (``"medium"`` would allow bfloat16 products, which
+    Triton's ``tl.dot`` does not offer for float32 operands: TF32 is the nearest). The switch is read as
+    ``torch.backends.cuda.matmul.allow_tf32``, which that call sets (and which users may set directly); unlike
+    :func:`torch.get_float32_matmul_precision` it is traceable by ``torch.compile``, which recompiles when it
+    changes. Float16 / bfloat16 operands multiply on tensor cores whatever the switch, and float64 takes
+    elementwise products: both report ``"ieee"``, which leaves their code unchanged. The value is a
+    ``tl.constexpr`` of every kernel, so each precision is its own compiled variant."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"

@@ -143,21 +143,27 @@ def load_speech_run(path: str | Path) -> tuple[Wav2Vec2Pretrainer, PretrainConfi
     for a run of another recipe (the vision recipe) instead of a config error."""
     import yaml
 
-    from simplexvq_recipes.speech.pretraining.model import CONFIG_FILE, load_pretrained, resolve_checkpoint
+    from simplexvq_recipes.speech.pretraining.model import (
+        checkpoint_config_file,
+        load_pretrained,
+        resolve_checkpoint,
+    )
 
-    run_dir, _ = resolve_checkpoint(path)
-    config_file = run_dir / CONFIG_FILE
-    if config_file.is_file():
-        try:
-            saved = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ExportError(f"{config_file} is not valid YAML ({error.__class__.__name__})") from error
-        data = saved.get("data") if isinstance(saved, dict) else None
-        if isinstance(saved, dict) and ("eval" in saved or (isinstance(data, dict) and "image_size" in data)):
-            raise ExportError(
-                f"{path} is a run of the vision recipe (its {CONFIG_FILE} has vision settings); this export takes "
-                "wav2vec 2.0 runs of the speech recipe"
-            )
+    run_dir, checkpoint = resolve_checkpoint(path)
+    try:
+        config_file = checkpoint_config_file(run_dir, checkpoint)
+    except FileNotFoundError as error:
+        raise ExportError(str(error)) from error
+    try:
+        saved = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ExportError(f"{config_file} is not valid YAML ({error.__class__.__name__})") from error
+    data = saved.get("data") if isinstance(saved, dict) else None
+    if isinstance(saved, dict) and ("eval" in saved or (isinstance(data, dict) and "image_size" in data)):
+        raise ExportError(
+            f"{path} is a run of the vision recipe (its {config_file.name} has vision settings); this export takes "
+            "wav2vec 2.0 runs of the speech recipe"
+        )
     try:
         return load_pretrained(path)
     except ValueError as error:

@@ -430,19 +430,30 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, checkpoint
 
 
+def checkpoint_config_file(run_dir: Path, checkpoint: Path) -> Path:
+    """The config ``checkpoint`` was trained with: its own ``config.yaml``, so that a checkpoint copied out of its
+    run (or set aside under ``checkpoints/abandoned-*``) still describes itself; for checkpoints that carry none
+    (older runs), the run folder's ``config.yaml``."""
+    for candidate in (checkpoint / CONFIG_FILE, run_dir / CONFIG_FILE):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"neither {checkpoint / CONFIG_FILE} nor {run_dir / CONFIG_FILE} exists: the checkpoint's config is needed "
+        "to rebuild its model; put the run's config.yaml back"
+    )
+
+
 def load_pretrained(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[Wav2Vec2Pretrainer, PretrainConfig]:
     """Rebuild the model of a recipe run and load its weights; returns ``(model, config)`` with the model in eval.
 
     ``path``: a run folder (its newest checkpoint is loaded) or one ``checkpoints/step_XXXXXXXX`` folder. The
-    config is the ``config.yaml`` the recipe wrote in the run folder. Weights of the torchaudio-based encoder
+    config is the one the checkpoint carries (:func:`checkpoint_config_file`). Weights of the torchaudio-based encoder
     (older runs) are converted on load (:func:`convert_torchaudio_state_dict`).
     """
     run_dir, checkpoint = resolve_checkpoint(path)
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: load_pretrained needs the run's saved config")
+    config_file = checkpoint_config_file(run_dir, checkpoint)
     config = load_config(PretrainConfig, config_file)
     model = build_model(config)
     weights = checkpoint / WEIGHTS_FILE
