@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
 import simplexvq
 from simplexvq_recipes.natural_patches import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
-from simplexvq_recipes.patch_demo import DemoConfig, PatchAutoencoder
+from simplexvq_recipes.patch_demo import DemoConfig, PatchAutoencoder, parse_option
 
 RESULTS_FILE = "results.json"
 HISTORY_FILE = "history.json"
@@ -326,13 +325,6 @@ def _train(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("val_code_use", "val_perplexity", "val_rmse", "seconds_per_step")}))
     return results
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    name, separator, value = text.partition("=")
-    if not separator or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. memory_efficient=true), got {text!r}")
-    return name.strip(), yaml.safe_load(value)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
