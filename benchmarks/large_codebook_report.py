@@ -14,11 +14,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SETTING_KEYS: tuple[str, ...] = ("method", "lever", "M", "N", "K", "steps", "vertices per step")
+SETTING_KEYS: tuple[str, ...] = (
+    "method",
+    "lever",
+    "M",
+    "N",
+    "K",
+    "steps",
+    "vertices per step",
+    "schedule",
+    "processes",
+)
 """What identifies a row of the table; runs that differ only in ``seed`` are averaged into one row."""
 
 METRICS: tuple[str, ...] = (
     "val_code_use",
+    "train_code_use",
     "val_perplexity",
     "train_individual_perplexity",
     "val_rmse",
@@ -31,15 +42,21 @@ METRICS: tuple[str, ...] = (
 def patch_row(labels: dict[str, Any], results: dict[str, Any], history: Sequence[dict[str, float]]) -> dict[str, Any]:
     """One finished run as a row: its labels, the final held-out metrics and the step's cost."""
     vertices = results["options"].get("vertex_subsample") or results["codebook_size"]
+    processes = results.get("processes", 1)
+    searched = results["rows"] * (processes if results["options"].get("knn_scope") == "global" else 1)
     return {
+        "schedule": results.get("lr_schedule", "one_cycle"),
+        "processes": processes,
         **labels,
         "vertices per step": vertices,
-        "N / (K M)": results["rows"] / (results["knn_k"] * results["codebook_size"]),
+        "searched rows": searched,
+        "N / (K M)": searched / (results["knn_k"] * results["codebook_size"]),
         "val_code_use": results["val_code_use"],
         "val_perplexity": results["val_perplexity"],
         "val_dead_codes": results["val_dead_codes"],
         "val_rmse": results["val_rmse"],
         "val_rows_per_code": results["val_rows_per_code"],
+        "train_code_use": results.get("train_code_use", math.nan),
         "train_individual_perplexity": results["train_individual_perplexity"],
         "train_code_use_last_interval": results["train_code_use_last_interval"],
         "seconds_per_step": results["seconds_per_step"],
@@ -90,12 +107,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         *(["lever"] if has_lever else []),
         "M",
         "N (rows/step)",
+        "processes",
         "K",
         "N / (K M)",
         "vertices/step",
         "steps",
+        "LR schedule",
         "seeds",
         "code use (held-out)",
+        "code use (train rows)",
         "code perplexity (held-out)",
         "individual perplexity (train)",
         "rMSE (held-out)",
@@ -111,12 +131,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             *([row.get("lever", "")] if has_lever else []),
             str(row["M"]),
             str(row["N"]),
+            str(row["processes"]),
             str(row["K"]),
             f"{row['N / (K M)']:.3g}",
             str(row["vertices per step"]),
             str(row["steps"]),
+            row["schedule"].replace("_", "-"),
             str(len(row["seeds"])),
             _mean_sd(row, "val_code_use", ".1f", 100, "%"),
+            _mean_sd(row, "train_code_use", ".1f", 100, "%"),
             _mean_sd(row, "val_perplexity", ".0f"),
             _mean_sd(row, "train_individual_perplexity", ".1f"),
             _mean_sd(row, "val_rmse", ".4f"),
@@ -180,18 +203,19 @@ def plot_code_use_vs_m(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def plot_levers(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Held-out code use (every 8th held-out patch) against rows seen, one line per lever setting; and final code use
-    against N / (K S) (S vertices regularized per step)."""
+    """Held-out code use (every 8th held-out patch) against rows seen (all processes), one line per lever setting;
+    and final code use against N / (K S) (N the rows searched for neighbours, S vertices regularized per step)."""
     fig, (curves, ratio) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.get_cmap("tab10").colors
     for index, row in enumerate(rows):
         if not row["curves"] or not row["curves"][0]:
             continue
         steps, use = zip(*row["curves"][0], strict=True)
-        name = f"N={row['N']}, K={row['K']}, S={row['vertices per step']}, {row['steps']} steps"
-        seen = [step * row["N"] / 1e6 for step in steps]
+        name = f"{row.get('lever', '')}: N={row['N']}x{row['processes']}, K={row['K']}, S={row['vertices per step']}"
+        name += f", {row['steps']} steps, {row['schedule']}"
+        seen = [step * row["N"] * row["processes"] / 1e6 for step in steps]
         curves.plot(seen, [100 * u for u in use], "-", marker="o", color=colors[index % 10], label=name)
-        per_vertex = row["N"] / (row["K"] * row["vertices per step"])
+        per_vertex = row["searched rows"] / (row["K"] * row["vertices per step"])
         ratio.scatter([per_vertex], [100 * row["val_code_use"]], color=colors[index % 10], label=name, zorder=3)
     curves.set(xlabel="rows seen (millions)", ylabel="held-out code use, every 8th patch (%)", ylim=(0, 102))
     curves.set_title(f"KNN-CE, M = {rows[0]['M'] if rows else ''}: code use over training")

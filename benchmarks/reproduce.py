@@ -74,6 +74,8 @@ PATCH_ROWS = 2048
 PATCH_STEPS = 200
 PATCH_LEVER_M = 16384
 LARGE_CODEBOOK_SCRIPT = BENCH_DIR / "large_codebook.py"
+PATCH_RUNS = "photo-blocks"
+"""Folder of the large-codebook runs under ``--out`` (held-out 64 x 64 blocks of the training photographs)."""
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,12 @@ def patch_run(
     labels: Iterable[tuple[str, Any]] = (),
     priority: int = 0,
     cost: bool = False,
+    lr_schedule: str = "one_cycle",
+    processes: int = 1,
 ) -> Run:
     """One run of :mod:`large_codebook` (patch autoencoder on overlapping photo patches, one codebook of
-    ``codebook_size``); KNN-CE runs on the memory-efficient path with the CPU backend."""
+    ``codebook_size``; ``rows`` per process and step); KNN-CE runs on the memory-efficient path with the CPU
+    backend."""
     rows = rows or settings.patch_rows
     steps = steps or settings.patch_steps
     if method == "softmax-knn_ce":
@@ -192,15 +197,26 @@ def patch_run(
         f"--steps={steps}",
         f"--knn-k={knn_k}",
         f"--seed={seed}",
+        f"--lr-schedule={lr_schedule}",
         f"--eval-every={max(1, steps // 4)}",
         "--eval-stride=8",
         f"--checkpoint-every={max(1, steps // 4)}",
         *(["--cost-only"] if cost else []),
         *(["--option", *options] if options else []),
     )
-    key = f"patches/{method}-m{codebook_size}-n{rows}-s{steps}-k{knn_k}{tag}-seed{seed}"
-    base = (("method", method), ("M", codebook_size), ("N", rows), ("K", knn_k), ("steps", steps))
-    return Run(key, "patches", overrides, (*base, *labels, ("seed", seed)), priority=priority)
+    schedule = "" if lr_schedule == "one_cycle" else f"-{lr_schedule}"
+    world = "" if processes == 1 else f"-x{processes}"
+    key = f"{PATCH_RUNS}/{method}-m{codebook_size}-n{rows}-s{steps}-k{knn_k}{tag}{schedule}{world}-seed{seed}"
+    base = (
+        ("method", method),
+        ("M", codebook_size),
+        ("N", rows),
+        ("K", knn_k),
+        ("steps", steps),
+        ("schedule", lr_schedule),
+        ("processes", processes),
+    )
+    return Run(key, "patches", overrides, (*base, *labels, ("seed", seed)), processes=processes, priority=priority)
 
 
 def headline_priority(method: str, codebook_size: int) -> int:
@@ -374,8 +390,11 @@ DEFAULT_STUDIES: tuple[str, ...] = STUDIES[:-3]
 
 def command(run: Run, settings: Settings) -> list[str]:
     run_dir = settings.out / run.key
+    launcher = [sys.executable]
+    if run.processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.processes}"]
     if run.recipe == "patches":
-        return [sys.executable, str(LARGE_CODEBOOK_SCRIPT), f"--output-dir={run_dir}", *run.overrides]
+        return [*launcher, str(LARGE_CODEBOOK_SCRIPT), f"--output-dir={run_dir}", *run.overrides]
     if run.recipe == "speech":
         recipe = [
             "-m",
@@ -392,10 +411,7 @@ def command(run: Run, settings: Settings) -> list[str]:
             str(VISION_CONFIG),
             f"training.output_dir={run_dir}",
         ]
-    if run.processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.processes}"]
-        return [*launcher, *recipe, *run.overrides]
-    return [sys.executable, *recipe, *run.overrides]
+    return [*launcher, *recipe, *run.overrides]
 
 
 CONSOLE_FILE = "console.log"

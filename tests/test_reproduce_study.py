@@ -228,9 +228,41 @@ def test_held_out_fast_codes_match_the_quantizers_eval_forward(patch_script, met
         torch.testing.assert_close(model.quantizer.decode(indices), reference.quantized)
 
 
+def test_the_split_holds_out_whole_blocks_of_every_photo_and_no_pixel_is_on_both_sides(patch_script):
+    torch = pytest.importorskip("torch")
+    from simplexvq_recipes.natural_patches import load_photo
+
+    size = 8
+    image = torch.from_numpy(load_photo("coins")).permute(2, 0, 1)
+    held = patch_script.held_out_pixels(*image.shape[1:])
+    assert 0.3 < held.float().mean().item() < 0.37  # one 64 x 64 block in three
+    width = image.shape[2] - size + 1
+    sides = {region: patch_script.OverlappingPatches(("coins",), size, region) for region in patch_script.REGIONS}
+    for region, patches in sides.items():
+        flat = torch.linspace(0, len(patches) - 1, 200).long()
+        for patch, position in zip(patches.gather(flat), patches.positions[0][flat], strict=True):
+            y, x = divmod(int(position), width)
+            assert torch.equal(patch, image[:, y : y + size, x : x + size].reshape(-1))
+            window = held[y : y + size, x : x + size]
+            assert bool(window.all()) if region == "held_out" else not bool(window.any())
+    # every patch wholly inside one side is on it: those across a border are the only ones left out
+    positions = (image.shape[1] - size + 1) * width
+    across = sum(
+        1
+        for y in range(0, image.shape[1] - size + 1, 7)
+        for x in range(0, width, 7)
+        if 0 < int(held[y : y + size, x : x + size].sum()) < size * size
+    )
+    sampled = len(range(0, image.shape[1] - size + 1, 7)) * len(range(0, width, 7))
+    left_out = 1 - (len(sides["train"]) + len(sides["held_out"])) / positions
+    assert abs(left_out - across / sampled) < 0.02
+    with pytest.raises(ValueError, match="region 'validation' is not one of"):
+        patch_script.OverlappingPatches(("coins",), size, "validation")
+
+
 def test_a_tiny_patch_run_resumes_exactly_and_the_driver_reports_it(study, patch_script, tmp_path, monkeypatch):
-    monkeypatch.setattr(patch_script, "TRAIN_PHOTOS", ("coins",))
-    monkeypatch.setattr(patch_script, "VAL_PHOTOS", ("camera",))
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(patch_script, "STUDY_PHOTOS", ("coins",))
     config = patch_script.RunConfig(
         method="softmax-knn_ce",
         codebook_size=32,
@@ -244,14 +276,20 @@ def test_a_tiny_patch_run_resumes_exactly_and_the_driver_reports_it(study, patch
         checkpoint_every=2,
     )
     first = patch_script.train(config, tmp_path / "run")
-    assert first["val_rows"] == (512 - 3) ** 2 and first["step"] == 4 and 0 < first["val_code_use"] <= 1
+    held_out = patch_script.OverlappingPatches(("coins",), 4, "held_out")
+    assert first["val_rows"] == len(held_out) and first["step"] == 4 and 0 < first["val_code_use"] <= 1
+    assert first["train_rows"] == len(range(0, len(patch_script.OverlappingPatches(("coins",), 4, "train")), 2))
+    assert 0 < first["train_code_use"] <= 1 and first["processes"] == 1
     assert first["rows_per_step_over_km"] == 48 / 64 and first["cpu_seconds_per_step"] > 0
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [row["step"] for row in history if "val_subset/code_use" in row] == [2.0, 4.0]
     # the step-2 checkpoint remains: a second call resumes there and must end exactly where the first did
+    final_model = torch.load(tmp_path / "run" / "final_model.pt", weights_only=True)
     again = patch_script.train(config, tmp_path / "run")
-    for key in ("val_code_use", "val_perplexity", "val_rmse", "train_individual_perplexity"):
+    for key in ("val_code_use", "val_perplexity", "val_rmse", "train_individual_perplexity", "train_code_use"):
         assert again[key] == first[key], key
+    for name, value in torch.load(tmp_path / "run" / "final_model.pt", weights_only=True)["model"].items():
+        assert torch.equal(value, final_model["model"][name]), name
     with pytest.raises(ValueError, match="other settings"):
         patch_script.train(dataclasses.replace(config, rows=40), tmp_path / "run")
 
@@ -264,9 +302,10 @@ def test_a_tiny_patch_run_resumes_exactly_and_the_driver_reports_it(study, patch
     settings = study.Settings(corpus=tmp_path, out=tmp_path / "runs")
     table = study.write_study("large_codebook", runs, outcomes, settings, tmp_path / "results")
     lines = table.strip().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("| method | M | N (rows/step) | K | N / (K M) |")
+    assert len(lines) == 3 and lines[0].startswith("| method | M | N (rows/step) | processes | K | N / (K M) |")
     mean = 100 * 0.75 * first["val_code_use"]
     assert f"| {mean:.1f}% ± " in lines[2] and "| 0.75 |" in lines[2] and "| 2 |" in lines[2]
+    assert f"| {100 * first['train_code_use']:.1f}% ± 0.0 |" in lines[2] and "| one-cycle |" in lines[2]
     payload = json.loads((tmp_path / "results" / "large_codebook.json").read_text())
     assert payload["rows"][0]["seeds"] == [0, 1] and len(payload["runs"]) == 2
     assert math.isclose(payload["rows"][0]["val_code_use"], 0.75 * first["val_code_use"])
@@ -288,8 +327,7 @@ def test_blocked_nearest_code_search_matches_the_core_search_across_blocks(patch
 
 
 def test_a_cost_only_run_times_steps_without_held_out_metrics(study, patch_script, tmp_path, monkeypatch):
-    monkeypatch.setattr(patch_script, "TRAIN_PHOTOS", ("coins",))
-    monkeypatch.setattr(patch_script, "VAL_PHOTOS", ("camera",))
+    monkeypatch.setattr(patch_script, "STUDY_PHOTOS", ("coins",))
     config = patch_script.RunConfig(
         method="ste-cosine", codebook_size=16, rows=32, steps=2, patch_size=4, eval_every=1, cost_only=True
     )
@@ -309,3 +347,55 @@ def test_a_cost_only_run_times_steps_without_held_out_metrics(study, patch_scrip
     outcome = {"results": results, "history": history, "wall_seconds": 1.0}
     table = study.write_study("large_codebook_cost", [run], {run.key: outcome}, settings, tmp_path / "results")
     assert "| n/a |" in table and (tmp_path / "results" / "large_codebook_cost.png").is_file()
+
+
+def test_two_processes_search_neighbours_globally_and_evaluate_every_row_once(patch_script, tmp_path):
+    """A 2-process gloo run under torchrun: the ranks' held-out shares add up to every held-out row, and the
+    driver launches such a run with torchrun."""
+    import os
+    import subprocess
+
+    script = REPO / "benchmarks" / "large_codebook.py"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        f"--output-dir={tmp_path / 'run'}",
+        "--method=softmax-knn_ce",
+        "--codebook-size=32",
+        "--rows=24",
+        "--steps=3",
+        "--eval-every=3",
+        "--eval-stride=997",
+        "--train-eval-stride=997",
+        "--lr-schedule=constant",
+        "--option",
+        "memory_efficient=true",
+        "backend=cpu",
+        "knn_scope=global",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    held_out = patch_script.OverlappingPatches(patch_script.STUDY_PHOTOS, 8, "held_out")
+    train = patch_script.OverlappingPatches(patch_script.STUDY_PHOTOS, 8, "train")
+    assert results["processes"] == 2 and results["val_rows"] == len(held_out)
+    assert results["train_rows"] == len(range(0, len(train), 997)) and results["searched_rows_over_km"] == 48 / 64
+    assert results["lr_schedule"] == "constant" and 0 < results["val_code_use"] <= 1
+    assert not (tmp_path / "run" / "running.pid").exists()
+
+
+def test_the_driver_launches_two_process_and_constant_rate_runs_in_their_own_folders(study, settings):
+    run = study.patch_run(
+        settings, "softmax-knn_ce", 16384, processes=2, lr_schedule="constant", options=["knn_scope=global"]
+    )
+    command = study.command(run, settings)
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert command[5] == str(study.LARGE_CODEBOOK_SCRIPT) and "--lr-schedule=constant" in command
+    assert run.key.endswith("-constant-x2-seed0") and run.processes == 2
+    plain = study.patch_run(settings, "softmax-knn_ce", 16384)
+    assert plain.key != run.key and study.command(plain, settings)[1] == str(study.LARGE_CODEBOOK_SCRIPT)
