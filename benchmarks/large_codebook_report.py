@@ -24,6 +24,7 @@ SETTING_KEYS: tuple[str, ...] = (
     "vertices per step",
     "schedule",
     "processes",
+    "weight",
 )
 """What identifies a row of the table; runs that differ only in ``seed`` are averaged into one row."""
 
@@ -105,6 +106,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header = [
         "method",
         *(["lever"] if has_lever else []),
+        "KNN weight",
         "M",
         "N (rows/step)",
         "processes",
@@ -129,6 +131,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         cells = [
             row["method"],
             *([row.get("lever", "")] if has_lever else []),
+            f"{row['weight']:g}" if row.get("weight") is not None else "",
             str(row["M"]),
             str(row["N"]),
             str(row["processes"]),
@@ -158,14 +161,20 @@ def _style(method: str) -> str:
     return ":" if method.endswith("-perplexity") else "-"
 
 
+def series(row: dict[str, Any]) -> str:
+    """The method of a row, with KNN-CE's regularizer weight where the row has one."""
+    weight = row.get("weight")
+    return row["method"] if weight is None else f"{row['method']}, weight {weight:g}"
+
+
 def plot_code_use_vs_m(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Held-out code use against M (log scale) per method, error bars over seeds; and held-out code use (every 8th
     held-out patch) over training for every setting's first seed."""
     fig, (by_m, over_training) = plt.subplots(1, 2, figsize=(13, 5))
-    methods = list(dict.fromkeys(row["method"] for row in rows))
+    methods = list(dict.fromkeys(series(row) for row in rows))
     colors = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
     for method in methods:
-        mine = sorted((row for row in rows if row["method"] == method), key=lambda row: row["M"])
+        mine = sorted((row for row in rows if series(row) == method), key=lambda row: row["M"])
         by_m.errorbar(
             [row["M"] for row in mine],
             [100 * row["val_code_use"] for row in mine],

@@ -105,7 +105,7 @@ class Settings:
     with_64k: bool = False
     patch_rows: int = PATCH_ROWS
     patch_steps: int = PATCH_STEPS
-    seeds: int = 3
+    seeds: int = 2
     extra: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -219,54 +219,65 @@ def patch_run(
     return Run(key, "patches", overrides, (*base, *labels, ("seed", seed)), processes=processes, priority=priority)
 
 
-def headline_priority(method: str, codebook_size: int) -> int:
-    """Start order of a seed-0 headline run: KNN-CE up to M = 16384, the baselines at M <= 4096, then STE and
-    KNN-CE at the larger sizes, then SimVQ and the dense perplexity loss at M >= 16384, whose steps cost 5-30x
-    KNN-CE's there on a CPU."""
-    if method == "softmax-knn_ce":
-        return 0
-    if codebook_size <= 4096:
-        return 1
-    if method.startswith("ste-"):
-        return 2 if codebook_size <= 16384 else 3
-    return 5 if method == "simvq" else 6
+HEADLINE_WEIGHTS: tuple[float, ...] = (1.0, 4.0)
+"""KNN-CE's regularizer weight in the headline grid: the paper's 1, and 4 (the weight lever's best value at
+M = 4096 and 16384: each vertex's few neighbour slots per step must pull harder when N < K M)."""
+
+
+def knn_weight(settings: Settings, m: int, weight: float, **kwargs: Any) -> Run:
+    """A KNN-CE run at M = ``m`` with ``regularizer_weight=weight`` (the weight is a setting of the table)."""
+    options = [f"regularizer_weight={weight:g}"] if weight != 1.0 else []
+    tag = f"-w{weight:g}" if weight != 1.0 else ""
+    labels = [("weight", weight), *kwargs.pop("labels", [])]
+    return patch_run(
+        settings, "softmax-knn_ce", m, options=options, tag=tag + kwargs.pop("tag", ""), labels=labels, **kwargs
+    )
 
 
 def largest_m_steps(settings: Settings, method: str) -> int:
-    """Steps at M = 65536: half the budget (a KNN-CE step costs ~6 CPU seconds there), 20 for the dense perplexity
-    loss (tens of seconds and gigabytes per step)."""
-    return 20 if method == "softmax-perplexity" else settings.patch_steps // 2
+    """Steps at M = 65536: the full budget for KNN-CE and STE, half for SimVQ (its dense (N, M) distances cost
+    about as much as KNN-CE's streamed step there), 20 for the dense perplexity loss (about 10 CPU seconds and
+    several (N, M) buffers per step)."""
+    if method == "softmax-perplexity":
+        return 20
+    return settings.patch_steps // 2 if method == "simvq" else settings.patch_steps
 
 
 def large_codebook_runs(settings: Settings) -> list[Run]:
-    """Every method at every M (seed 0; fewer steps at M = 65536, :func:`largest_m_steps`), then more seeds for the
-    methods whose steps are cheap at that M."""
+    """Every method at every M (KNN-CE with the weights of :data:`HEADLINE_WEIGHTS`; fewer steps at M = 65536 for
+    the dense baselines, :func:`largest_m_steps`), then more seeds: every KNN-CE row, and the baselines where their
+    steps are cheap. Start order: seed 0 of KNN-CE, the baselines, the other seeds, M = 65536's other seeds last."""
     runs = []
-    for m in PATCH_SIZES:
-        for method in PATCH_METHODS:
-            steps = largest_m_steps(settings, method) if m == PATCH_SIZES[-1] else None
-            runs.append(patch_run(settings, method, m, steps=steps, priority=headline_priority(method, m)))
-    for seed in range(1, settings.seeds):
+    for seed in range(settings.seeds):
         for m in PATCH_SIZES:
-            for method in PATCH_METHODS:
-                if m >= 16384 and method in ("softmax-perplexity", "simvq"):
+            largest = m == PATCH_SIZES[-1]
+            for weight in HEADLINE_WEIGHTS:
+                priority = 0 if seed == 0 else (6 if largest else 4)
+                runs.append(knn_weight(settings, m, weight, seed=seed, priority=priority))
+            for method in PATCH_METHODS[1:]:
+                if seed > 0 and (m >= 65536 or (m >= 16384 and method != "ste-cosine")):
                     continue
-                steps = largest_m_steps(settings, method) if m == PATCH_SIZES[-1] else None
-                runs.append(patch_run(settings, method, m, steps=steps, seed=seed, priority=4))
+                steps = largest_m_steps(settings, method) if largest else None
+                priority = (1 if m <= 16384 else 3) if seed == 0 else 5
+                runs.append(patch_run(settings, method, m, steps=steps, seed=seed, priority=priority))
     return runs
 
 
 def large_codebook_lever_runs(settings: Settings) -> list[Run]:
-    """KNN-CE at M = 16384 with N < K M: the same rows seen split into fewer larger steps or more smaller ones
-    (N/(K M) from 1/64 to 1/4), four times the steps, K = 1, and 4096 of the 16384 vertices per step."""
+    """KNN-CE at M = 16384 with N < K M (N = K M / 16 at the headline's N): the regularizer weight (1, 4, 16); the
+    same rows seen split into fewer larger steps or more smaller ones (N / (K M) from 1/64 to 1/4); K = 1; 4096 of
+    the 16384 vertices per step; a constant learning rate after warm-up, for the headline's steps and four times
+    as many; two processes, each with the headline's N, searching neighbours locally or globally."""
     m, rows, steps = PATCH_LEVER_M, settings.patch_rows, settings.patch_steps
+    runs = [knn_weight(settings, m, weight, labels=[("lever", "weight")], priority=2) for weight in (1.0, 4.0, 16.0)]
     seen = rows * steps
     fixed_seen = [("lever", "N at fixed rows seen")]
-    runs = [
-        patch_run(settings, "softmax-knn_ce", m, rows=n, steps=seen // n, labels=fixed_seen, priority=2 * (n != rows))
+    runs += [
+        knn_weight(settings, m, 1.0, rows=n, steps=seen // n, labels=fixed_seen, priority=2)
         for n in (rows // 4, rows, rows * 4)
     ]
-    runs.append(patch_run(settings, "softmax-knn_ce", m, knn_k=1, labels=[("lever", "K")], priority=4))
+    runs.append(knn_weight(settings, m, 1.0, knn_k=1, labels=[("lever", "K")], priority=2))
+    subsample = [("lever", "vertex_subsample=4096")]
     runs.append(
         patch_run(
             settings,
@@ -274,11 +285,35 @@ def large_codebook_lever_runs(settings: Settings) -> list[Run]:
             m,
             options=["vertex_subsample=4096"],
             tag="-v4096",
-            labels=[("lever", "vertex_subsample=4096")],
-            priority=4,
+            labels=[("weight", 1.0), *subsample],
+            priority=2,
         )
     )
-    runs.append(patch_run(settings, "softmax-knn_ce", m, steps=4 * steps, labels=[("lever", "steps")], priority=4))
+    for budget in (steps, 4 * steps):
+        runs.append(
+            knn_weight(
+                settings,
+                m,
+                1.0,
+                steps=budget,
+                lr_schedule="constant",
+                labels=[("lever", "steps, constant LR")],
+                priority=2,
+            )
+        )
+    for scope in ("local", "global"):
+        runs.append(
+            patch_run(
+                settings,
+                "softmax-knn_ce",
+                m,
+                options=[f"knn_scope={scope}"],
+                tag=f"-{scope}",
+                processes=2,
+                labels=[("weight", 1.0), ("lever", f"2 processes, {scope} neighbours")],
+                priority=2,
+            )
+        )
     return runs
 
 
@@ -773,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--with-64k", action="store_true", help="add M = 65536 to the codebook study (slow on CPU)")
     parser.add_argument("--patch-rows", type=int, default=PATCH_ROWS, help="rows per step of large_codebook runs")
     parser.add_argument("--patch-steps", type=int, default=PATCH_STEPS, help="steps of large_codebook runs")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds of the large_codebook headline rows")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of the large_codebook headline rows")
     parser.add_argument("--speech-override", action="append", default=[], help="extra key=value for speech runs")
     parser.add_argument("--vision-override", action="append", default=[], help="extra key=value for vision runs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")

@@ -168,9 +168,14 @@ def patch_script():
 
 def test_large_codebook_grid_covers_every_size_and_method_with_valid_quantizers(study, settings, patch_script):
     runs = study.study_runs("large_codebook", settings)
-    seed0 = {(run.label["method"], run.label["M"]) for run in runs if run.label["seed"] == 0}
-    assert seed0 == {(method, m) for method in study.PATCH_METHODS for m in (1024, 4096, 16384, 65536)}
-    assert {run.label["seed"] for run in runs if run.label["method"] == "softmax-knn_ce"} == {0, 1, 2}
+    seed0 = {(run.label["method"], run.label.get("weight"), run.label["M"]) for run in runs if run.label["seed"] == 0}
+    sizes = (1024, 4096, 16384, 65536)
+    baselines = {(method, None, m) for method in study.PATCH_METHODS[1:] for m in sizes}
+    assert seed0 == {("softmax-knn_ce", w, m) for w in study.HEADLINE_WEIGHTS for m in sizes} | baselines
+    knn = [run for run in runs if run.label["method"] == "softmax-knn_ce"]
+    assert {(run.label["weight"], run.label["M"], run.label["seed"]) for run in knn} == {
+        (w, m, seed) for w in study.HEADLINE_WEIGHTS for m in sizes for seed in range(settings.seeds)
+    }
     for run in runs + study.study_runs("large_codebook_levers", settings):
         args = dict(
             arg.removeprefix("--").split("=", 1) for arg in run.overrides if arg.startswith("--") and "=" in arg
@@ -192,13 +197,13 @@ def test_large_codebook_grid_covers_every_size_and_method_with_valid_quantizers(
         assert quantizer.codebook_size == run.label["M"] and quantizer.knn_k == run.label["K"]
         if run.label["method"] == "softmax-knn_ce":
             assert quantizer.memory_efficient and quantizer.backend == "cpu"
-    # KNN-CE up to M = 16384 starts first, and every seed-0 row before any extra seed
+            assert (quantizer.regularizer_weight or 1.0) == run.label["weight"]  # None: the default, 1
+    # seed 0 of KNN-CE at every M starts first, and every seed-0 row before any extra seed
     ordered = sorted({run.key: run for run in runs}.values(), key=lambda run: run.priority)
-    assert [(run.label["method"], run.label["M"]) for run in ordered[:3]] == [
-        ("softmax-knn_ce", m) for m in (1024, 4096, 16384)
-    ]
+    first = len(study.HEADLINE_WEIGHTS) * len(sizes)
+    assert {(run.label["method"], run.label["seed"]) for run in ordered[:first]} == {("softmax-knn_ce", 0)}
     first_extra_seed = next(i for i, run in enumerate(ordered) if run.label["seed"] > 0)
-    assert all(run.label["seed"] == 0 for run in ordered[:first_extra_seed]) and first_extra_seed >= 10
+    assert all(run.label["seed"] == 0 for run in ordered[:first_extra_seed]) and first_extra_seed == len(seed0)
     command = study.command(runs[0], settings)
     assert command[1] == str(study.LARGE_CODEBOOK_SCRIPT) and f"--output-dir={settings.out / runs[0].key}" in command
 
@@ -209,6 +214,18 @@ def test_levers_span_n_over_k_m_at_fixed_rows_seen(study, settings):
     assert len({run.label["N"] * run.label["steps"] for run in fixed}) == 1
     ratios = sorted(run.label["N"] / (run.label["K"] * run.label["M"]) for run in fixed)
     assert ratios[0] < ratios[-1] <= 1 and len(ratios) == 3
+    by_lever = {}
+    for run in levers:
+        by_lever.setdefault(run.label["lever"], []).append(run)
+    assert sorted(run.label["weight"] for run in by_lever["weight"]) == [1.0, 4.0, 16.0]
+    constant = by_lever["steps, constant LR"]
+    assert {run.label["schedule"] for run in constant} == {"constant"} and len(
+        {run.label["steps"] for run in constant}
+    ) == 2
+    two = [run for run in levers if run.processes == 2]
+    assert len(two) == 2 and {run.overrides[-1] for run in two} == {"knn_scope=local", "knn_scope=global"}
+    # a folder is shared exactly by runs with the same command line (the headline point of two lever curves)
+    assert len({run.key for run in levers}) == len({run.overrides + (run.processes,) for run in levers}) == 11
 
 
 @pytest.mark.parametrize(
@@ -302,7 +319,7 @@ def test_a_tiny_patch_run_resumes_exactly_and_the_driver_reports_it(study, patch
     settings = study.Settings(corpus=tmp_path, out=tmp_path / "runs")
     table = study.write_study("large_codebook", runs, outcomes, settings, tmp_path / "results")
     lines = table.strip().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("| method | M | N (rows/step) | processes | K | N / (K M) |")
+    assert len(lines) == 3 and lines[0].startswith("| method | KNN weight | M | N (rows/step) | processes | K |")
     mean = 100 * 0.75 * first["val_code_use"]
     assert f"| {mean:.1f}% ± " in lines[2] and "| 0.75 |" in lines[2] and "| 2 |" in lines[2]
     assert f"| {100 * first['train_code_use']:.1f}% ± 0.0 |" in lines[2] and "| one-cycle |" in lines[2]
