@@ -153,7 +153,8 @@ class RunConfig:
     eval_stride: int = 4
     train_eval_stride: int = 2
     """Code use is also measured at the end on every ``train_eval_stride``-th training patch (the rows the codebook
-    was fitted to): a code unused there is dead, one unused only on the held-out photos serves training content."""
+    was fitted to): a code unused there is dead; one used there but not on the held-out blocks serves content the
+    held-out blocks happen to lack."""
     checkpoint_every: int = 50
     cost_only: bool = False
     """Measure the step's time and memory only: no held-out evaluation (its metrics are NaN)."""

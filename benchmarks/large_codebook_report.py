@@ -220,14 +220,16 @@ def plot_levers(rows: Sequence[dict[str, Any]], path: Path) -> None:
         if not row["curves"] or not row["curves"][0]:
             continue
         steps, use = zip(*row["curves"][0], strict=True)
-        name = f"{row.get('lever', '')}: N={row['N']}x{row['processes']}, K={row['K']}, S={row['vertices per step']}"
+        name = f"{row.get('lever', '')}: M={row['M']}, w={row.get('weight') or 1:g}, N={row['N']}x{row['processes']}"
+        name += f", K={row['K']}, S={row['vertices per step']}"
         name += f", {row['steps']} steps, {row['schedule']}"
         seen = [step * row["N"] * row["processes"] / 1e6 for step in steps]
         curves.plot(seen, [100 * u for u in use], "-", marker="o", color=colors[index % 10], label=name)
         per_vertex = row["searched rows"] / (row["K"] * row["vertices per step"])
         ratio.scatter([per_vertex], [100 * row["val_code_use"]], color=colors[index % 10], label=name, zorder=3)
     curves.set(xlabel="rows seen (millions)", ylabel="held-out code use, every 8th patch (%)", ylim=(0, 102))
-    curves.set_title(f"KNN-CE, M = {rows[0]['M'] if rows else ''}: code use over training")
+    sizes = sorted({row["M"] for row in rows})
+    curves.set_title(f"KNN-CE, M = {' and '.join(map(str, sizes))}: code use over training")
     curves.legend(fontsize=7)
     ratio.set_xscale("log", base=2)
     ratio.set(xlabel="N / (K S): rows per neighbour slot in a step", ylabel="final held-out code use (%)")

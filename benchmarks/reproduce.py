@@ -267,7 +267,8 @@ def large_codebook_lever_runs(settings: Settings) -> list[Run]:
     """KNN-CE at M = 16384 with N < K M (N = K M / 16 at the headline's N): the regularizer weight (1, 4, 16); the
     same rows seen split into fewer larger steps or more smaller ones (N / (K M) from 1/64 to 1/4); K = 1; 4096 of
     the 16384 vertices per step; a constant learning rate after warm-up, for the headline's steps and four times
-    as many; two processes, each with the headline's N, searching neighbours locally or globally."""
+    as many; two processes, each with the headline's N, searching neighbours locally or globally. And at
+    M = 65536, weight 4 with four times the headline's steps at a constant rate."""
     m, rows, steps = PATCH_LEVER_M, settings.patch_rows, settings.patch_steps
     runs = [knn_weight(settings, m, weight, labels=[("lever", "weight")], priority=2) for weight in (1.0, 4.0, 16.0)]
     seen = rows * steps
@@ -301,6 +302,12 @@ def large_codebook_lever_runs(settings: Settings) -> list[Run]:
                 priority=2,
             )
         )
+    # the largest codebook with the headline's weight 4: four times the rows seen, at a constant rate
+    largest = PATCH_SIZES[-1]
+    steps_lever = [("lever", "steps, constant LR")]
+    runs.append(
+        knn_weight(settings, largest, 4.0, steps=4 * steps, lr_schedule="constant", labels=steps_lever, priority=2)
+    )
     for scope in ("local", "global"):
         runs.append(
             patch_run(
