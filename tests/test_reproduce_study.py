@@ -225,7 +225,7 @@ def test_levers_span_n_over_k_m_at_fixed_rows_seen(study, settings):
     two = [run for run in levers if run.processes == 2]
     assert len(two) == 2 and {run.overrides[-1] for run in two} == {"knn_scope=local", "knn_scope=global"}
     # a folder is shared exactly by runs with the same command line (the headline point of two lever curves)
-    assert len({run.key for run in levers}) == len({run.overrides + (run.processes,) for run in levers}) == 11
+    assert len({run.key for run in levers}) == len({run.overrides + (run.processes,) for run in levers}) == 12
 
 
 @pytest.mark.parametrize(
