@@ -174,7 +174,11 @@ def test_large_codebook_grid_covers_every_size_and_method_with_valid_quantizers(
     assert seed0 == {("softmax-knn_ce", w, m) for w in study.HEADLINE_WEIGHTS for m in sizes} | baselines
     knn = [run for run in runs if run.label["method"] == "softmax-knn_ce"]
     assert {(run.label["weight"], run.label["M"], run.label["seed"]) for run in knn} == {
-        (w, m, seed) for w in study.HEADLINE_WEIGHTS for m in sizes for seed in range(settings.seeds)
+        (w, m, seed)
+        for w in study.HEADLINE_WEIGHTS
+        for m in sizes
+        for seed in range(settings.seeds)
+        if seed == 0 or m < 65536  # one seed at M = 65536
     }
     for run in runs + study.study_runs("large_codebook_levers", settings):
         args = dict(
@@ -218,14 +222,13 @@ def test_levers_span_n_over_k_m_at_fixed_rows_seen(study, settings):
     for run in levers:
         by_lever.setdefault(run.label["lever"], []).append(run)
     assert sorted(run.label["weight"] for run in by_lever["weight"]) == [1.0, 4.0, 16.0]
-    constant = by_lever["steps, constant LR"]
-    assert {run.label["schedule"] for run in constant} == {"constant"} and len(
-        {run.label["steps"] for run in constant}
-    ) == 2
+    constant, longer = by_lever["constant LR"], by_lever["4x steps, constant LR"]
+    assert [run.label["schedule"] for run in constant + longer] == ["constant", "constant"]
+    assert longer[0].label["steps"] == 4 * constant[0].label["steps"] and longer[0].label["M"] == 65536
     two = [run for run in levers if run.processes == 2]
     assert len(two) == 2 and {run.overrides[-1] for run in two} == {"knn_scope=local", "knn_scope=global"}
     # a folder is shared exactly by runs with the same command line (the headline point of two lever curves)
-    assert len({run.key for run in levers}) == len({run.overrides + (run.processes,) for run in levers}) == 12
+    assert len({run.key for run in levers}) == len({run.overrides + (run.processes,) for run in levers}) == 11
 
 
 @pytest.mark.parametrize(
