@@ -234,6 +234,11 @@ def knn_weight(settings: Settings, m: int, weight: float, **kwargs: Any) -> Run:
     )
 
 
+SEEDED_UP_TO = 4096
+"""The KNN-CE rows with more than one seed: a run at 16384 costs 4 CPU-minutes, at 65536 20 (with the final
+measurements); the CPU budget of the study (about 2 CPU-hours on 2 cores) holds one seed there."""
+
+
 def largest_m_steps(settings: Settings, method: str) -> int:
     """Steps at M = 65536: the full budget for KNN-CE and STE, half for SimVQ (its dense (N, M) distances cost
     about as much as KNN-CE's streamed step there), 20 for the dense perplexity loss (about 10 CPU seconds and
@@ -245,13 +250,13 @@ def largest_m_steps(settings: Settings, method: str) -> int:
 
 def large_codebook_runs(settings: Settings) -> list[Run]:
     """Every method at every M (KNN-CE with the weights of :data:`HEADLINE_WEIGHTS`; fewer steps at M = 65536 for
-    the dense baselines, :func:`largest_m_steps`), then more seeds of the KNN-CE rows below M = 65536. Start
+    the dense baselines, :func:`largest_m_steps`), then more seeds of the KNN-CE rows up to :data:`SEEDED_UP_TO`. Start
     order: seed 0 of KNN-CE, the baselines, the other seeds."""
     runs = []
     for seed in range(settings.seeds):
         for m in PATCH_SIZES:
             largest = m == PATCH_SIZES[-1]
-            if seed > 0 and largest:  # 20 CPU-minutes a run: one seed, and the steps lever at this M
+            if seed > 0 and m > SEEDED_UP_TO:
                 continue
             for weight in HEADLINE_WEIGHTS:
                 runs.append(knn_weight(settings, m, weight, seed=seed, priority=0 if seed == 0 else 4))

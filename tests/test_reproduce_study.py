@@ -178,7 +178,7 @@ def test_large_codebook_grid_covers_every_size_and_method_with_valid_quantizers(
         for w in study.HEADLINE_WEIGHTS
         for m in sizes
         for seed in range(settings.seeds)
-        if seed == 0 or m < 65536  # one seed at M = 65536
+        if seed == 0 or m <= study.SEEDED_UP_TO
     }
     for run in runs + study.study_runs("large_codebook_levers", settings):
         args = dict(
