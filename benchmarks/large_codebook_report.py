@@ -43,15 +43,14 @@ METRICS: tuple[str, ...] = (
 def patch_row(labels: dict[str, Any], results: dict[str, Any], history: Sequence[dict[str, float]]) -> dict[str, Any]:
     """One finished run as a row: its labels, the final held-out metrics and the step's cost."""
     vertices = results["options"].get("vertex_subsample") or results["codebook_size"]
-    processes = results.get("processes", 1)
-    searched = results["rows"] * (processes if results["options"].get("knn_scope") == "global" else 1)
+    slots = results["knn_k"] * results["codebook_size"]
     return {
         "schedule": results.get("lr_schedule", "one_cycle"),
-        "processes": processes,
+        "processes": results.get("processes", 1),
         **labels,
         "vertices per step": vertices,
-        "searched rows": searched,
-        "N / (K M)": searched / (results["knn_k"] * results["codebook_size"]),
+        "searched rows": round(results["searched_rows_over_km"] * slots),  # the run's own count (large_codebook)
+        "N / (K M)": results["searched_rows_over_km"],
         "val_code_use": results["val_code_use"],
         "val_perplexity": results["val_perplexity"],
         "val_dead_codes": results["val_dead_codes"],
